@@ -1,0 +1,260 @@
+"""Calibration: input statistics of linear layers and the block-by-block sequential engine.
+
+The engine follows SparseGPT's ``llama_sequential``: capture the inputs of the first decoder
+block, then for each block in turn accumulate statistics of its target linears' inputs, let
+the method change the block, and re-run the changed block to produce the next block's inputs.
+Errors of earlier blocks therefore reach the statistics of later ones.
+
+Statistics are sums in float32 (or float64 when asked), all-reduced across ranks when
+``torch.distributed`` is initialised (``Accelerator(cpu=True)`` under ``torchrun`` does that),
+so N processes on N shards of the calibration set give the statistics of the whole set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import find_decoder_blocks, in_features, weight_matrix
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStats:
+    """Running sums over the rows ``x`` seen at one linear layer's input."""
+
+    xtx: torch.Tensor | None = None  # sum of x^T x, [in, in]; SparseGPT's Hessian up to 2/n
+    sq_norms: torch.Tensor | None = None  # sum of x_j^2 per input column; Wanda's ||X_j||^2
+    tokens: int = 0
+    shared_with: list[str] = field(default_factory=list)  # layers that read the same input
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        acc_dtype = (self.xtx if self.xtx is not None else self.sq_norms).dtype
+        rows = rows.to(acc_dtype)
+        if self.xtx is not None:
+            self.xtx.addmm_(rows.t(), rows)
+        if self.sq_norms is not None:
+            self.sq_norms.add_(rows.pow(2).sum(0))
+        self.tokens += rows.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``X^T X / tokens`` (the constant 2 and the scale do not change OBS solutions)."""
+        if self.xtx is None:
+            raise ValueError("these statistics were collected without X^T X")
+        return self.xtx / max(self.tokens, 1)
+
+
+def _check_distributed_setup() -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world > 1 and not initialised:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but torch.distributed is not initialised, so statistics would "
+            "not be reduced across ranks: create `Accelerator(cpu=True)` (or set "
+            "ACCELERATE_USE_CPU=1 under torchrun) before calibrating"
+        )
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when not running distributed."""
+    _check_distributed_setup()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_stats(stats: dict[str, InputStats]) -> None:
+    """Sum statistics over ranks in place (each shared object is reduced once)."""
+    rank, world = distributed_world()
+    if world == 1:
+        return
+    seen: set[int] = set()
+    for name in sorted(stats):
+        item = stats[name]
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        for tensor in (item.xtx, item.sq_norms):
+            if tensor is not None:
+                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        count = torch.tensor([item.tokens], dtype=torch.float64)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
+        item.tokens = int(count.item())
+
+
+def broadcast_block(block: nn.Module) -> None:
+    """Make every rank hold rank 0's parameters (solvers may differ in the last bit)."""
+    _, world = distributed_world()
+    if world == 1:
+        return
+    for param in block.parameters():
+        torch.distributed.broadcast(param.data, src=0)
+
+
+class StatsCollector:
+    """Forward hooks that accumulate ``InputStats`` for a set of linear layers.
+
+    Layers that read the very same input tensor (q/k/v, gate/up) share one statistics object,
+    so ``X^T X`` is computed once for them.
+    """
+
+    def __init__(
+        self,
+        linears: dict[str, nn.Module],
+        need_xtx: bool,
+        need_sq_norms: bool,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.linears = linears
+        self.need_xtx, self.need_sq_norms, self.dtype = need_xtx, need_sq_norms, dtype
+        self.stats: dict[str, InputStats] = {}
+        self._last: tuple = (None, None, None)
+        self._handles: list = []
+
+    def _new_stats(self, module: nn.Module) -> InputStats:
+        n = in_features(module)
+        device = weight_matrix(module).device
+        make = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=device)  # noqa: E731
+        return InputStats(
+            xtx=make(n, n) if self.need_xtx else None,
+            sq_norms=make(n) if self.need_sq_norms else None,
+        )
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            # ``_last`` holds a reference to the tensor, so its memory cannot be reused by
+            # another layer's input while we compare pointers.
+            last_key, last_item, _ = self._last
+            item = self.stats.get(name)
+            if item is None:
+                if key == last_key:
+                    last_item.shared_with.append(name)
+                    self.stats[name] = last_item
+                    return
+                item = self.stats[name] = self._new_stats(module)
+            if key == last_key and item is last_item:
+                return
+            item.add(x)
+            self._last = (key, item, x)
+
+        return hook
+
+    def __enter__(self) -> StatsCollector:
+        for name, module in self.linears.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last = (None, None, None)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """Captured positional/keyword arguments of the first decoder block, one entry per batch."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]
+) -> BlockInputs:
+    """Run the model on each batch of token ids until the first block, recording its inputs."""
+    captured = BlockInputs([], [], [])
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        if "hidden_states" in kwargs:
+            hidden = kwargs.pop("hidden_states")
+        else:
+            hidden, args = args[0], args[1:]
+        captured.hidden.append(hidden)
+        captured.args.append(tuple(args))
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def run_sequential(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    process_block: Callable[[str, nn.Module], Callable[[], None] | None],
+    batch_size: int = 8,
+    blocks: str | None = None,
+    show_progress: bool = True,
+    after_block: Callable[[nn.Module], None] | None = None,
+) -> None:
+    """Drive ``process_block`` over the decoder blocks with propagated calibration inputs.
+
+    ``process_block(name, block)`` is called before the block runs on its inputs; it installs
+    whatever hooks it needs and returns a ``finish`` callable, run after the inputs have been
+    seen, which changes the block (prune, compress, ...). The block is then re-run to produce
+    the inputs of the next block; ``after_block(block)`` runs just before that re-run
+    (e.g. to broadcast rank 0's weights). ``calibration`` is ``[n_windows, seq_len]`` token ids on
+    this rank.
+    """
+    _check_distributed_setup()
+    if calibration.ndim != 2 or calibration.shape[0] == 0:
+        raise ValueError(
+            "calibration must be a non-empty [n_windows, seq_len] tensor of token ids, "
+            f"got shape {tuple(calibration.shape)}"
+        )
+    decoder_blocks = find_decoder_blocks(model, blocks)
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in calibration.split(batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = capture_block_inputs(model, decoder_blocks[0][1], batches)
+        hidden = inputs.hidden
+        bar = tqdm(decoder_blocks, desc="calibrating blocks", disable=not show_progress)
+        for name, block in bar:
+            finish = process_block(name, block)
+            if finish is not None:
+                with torch.no_grad():
+                    for h, a, k in zip(hidden, inputs.args, inputs.kwargs, strict=True):
+                        block(h, *a, **k)
+                finish()
+            if after_block is not None:
+                after_block(block)
+            with torch.no_grad():
+                hidden = [
+                    _block_output(block(h, *a, **k))
+                    for h, a, k in zip(hidden, inputs.args, inputs.kwargs, strict=True)
+                ]
+    finally:
+        model.train(was_training)

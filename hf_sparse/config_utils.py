@@ -1,0 +1,51 @@
+"""Dataclass configs that YAML recipes and Python users share.
+
+Every field carries its help text in ``metadata["help"]``; ``from_dict`` rejects unknown keys
+with the list of valid ones, so a typo in a recipe fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def help_field(help: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field with help text (mutable defaults go through ``default_factory``)."""
+    if isinstance(default, list | dict):
+        value = default
+        return dataclasses.field(
+            default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs
+        )
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
+    """Build ``cls`` from a mapping, refusing keys that are not fields of ``cls``."""
+    if values is not None and not isinstance(values, dict):
+        raise ValueError(f"{where or cls.__name__} must be a mapping, got {type(values).__name__}")
+    values = dict(values or {})
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in {where or cls.__name__}; valid keys: {valid}"
+        )
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def describe(cls: type) -> str:
+    """One line per field: name, default and help; used by ``--help`` texts and docs."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        )
+        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)

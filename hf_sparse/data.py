@@ -1,0 +1,198 @@
+"""Calibration and evaluation text: named sets, local files, Hub datasets; token windows.
+
+Resolution, so the same code serves users everywhere: an explicit path wins; a named set
+(``wikitext2``, ``lambada``, ``hellaswag``, ``alpaca``, ``tinystories``) resolves to a local
+copy when ``HF_SPARSE_DATA_DIR`` is set or ``../shared/data`` exists beside the checkout (or
+the working directory), and otherwise to its Hub dataset through ``datasets.load_dataset``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A dataset known by name: its local files (relative to the data dir) and Hub fallback."""
+
+    calibration_file: str
+    evaluation_file: str
+    hub: tuple[str, str | None]  # (path, config name) for datasets.load_dataset
+    hub_splits: tuple[str, str]  # (calibration split, evaluation split)
+    text_field: str = "text"
+
+
+NAMED_DATASETS: dict[str, NamedDataset] = {
+    "wikitext2": NamedDataset(
+        "wikitext-2/wiki.valid.tokens",
+        "wikitext-2-raw/wiki.test.raw",
+        ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+        ("validation", "test"),
+    ),
+    "lambada": NamedDataset(
+        "lambada/lambada_test.jsonl", "lambada/lambada_test.jsonl",
+        ("EleutherAI/lambada_openai", "default"), ("test", "test"),
+    ),
+    "alpaca": NamedDataset(
+        "alpaca/alpaca_data.sample5000.jsonl", "alpaca/alpaca_data.sample5000.jsonl",
+        ("tatsu-lab/alpaca", None), ("train", "train"),
+    ),
+    "tinystories": NamedDataset(
+        "tinystories/TinyStories-train.first2MiB.txt", "tinystories/TinyStories-train.first2MiB.txt",
+        ("roneneldan/TinyStories", None), ("train", "validation"),
+    ),
+}
+_TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
+
+
+def data_dir() -> Path | None:
+    """Local folder of named datasets, or None when there is none."""
+    if os.environ.get("HF_SPARSE_DATA_DIR"):
+        return Path(os.environ["HF_SPARSE_DATA_DIR"]).expanduser()
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data",
+                  Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def _records_to_text(records: list[dict], text_field: str, source: str) -> str:
+    if not records:
+        raise ValueError(f"{source} holds no records")
+    if text_field in records[0]:
+        return "\n\n".join(str(r[text_field]) for r in records)
+    if {"instruction", "output"} <= set(records[0]):  # Alpaca-style records
+        return "\n\n".join(
+            "\n".join(str(r[k]) for k in ("instruction", "input", "output") if r.get(k))
+            for r in records
+        )
+    raise ValueError(
+        f"{source} has no {text_field!r} field (fields: {sorted(records[0])}); "
+        "pass text_field=<the column holding the text>"
+    )
+
+
+def read_text_file(path: str | os.PathLike, text_field: str = "text") -> str:
+    """Whole text of a local ``.txt``/``.raw``/``.tokens`` file, or a jsonl/json/parquet column."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in _TEXT_SUFFIXES:
+        return path.read_text(encoding="utf-8")
+    if suffix in {".jsonl", ".json", ".parquet"}:
+        import datasets
+
+        builder = "parquet" if suffix == ".parquet" else "json"
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        return _records_to_text(table.to_list(), text_field, str(path))
+    raise ValueError(
+        f"unsupported data file type {suffix!r} for {path}; use .txt/.raw/.tokens text, "
+        ".jsonl/.json or .parquet"
+    )
+
+
+def load_text(source: str | os.PathLike, split: str = "calibration", text_field: str = "text") -> str:
+    """Text of a named dataset (``split`` = "calibration" or "evaluation"), a file or a Hub set."""
+    if split not in ("calibration", "evaluation"):
+        raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        return read_text_file(path, text_field)
+    named = NAMED_DATASETS.get(source)
+    if named is not None:
+        local = data_dir()
+        filename = named.calibration_file if split == "calibration" else named.evaluation_file
+        if local is not None and (local / filename).exists():
+            return read_text_file(local / filename, named.text_field)
+        return _load_hub_text(named.hub[0], named.hub[1], named.hub_splits[split != "calibration"],
+                              named.text_field)
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(_TEXT_SUFFIXES | {".jsonl"})):
+        raise FileNotFoundError(
+            f"data file {source} does not exist; named datasets: {sorted(NAMED_DATASETS)}"
+        )
+    return _load_hub_text(source, None, "train" if split == "calibration" else "test", text_field)
+
+
+def _load_hub_text(path: str, name: str | None, split: str, text_field: str) -> str:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(path, name, split=split)
+    except Exception as error:  # network or name problems: say what was tried
+        raise ValueError(
+            f"could not load Hub dataset {path!r} (config {name!r}, split {split!r}): {error}. "
+            f"Offline? Pass a local file, set HF_SPARSE_DATA_DIR, or use one of "
+            f"{sorted(NAMED_DATASETS)} with a local data folder."
+        ) from error
+    return _records_to_text(table.to_list(), text_field, f"{path}:{split}")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of the whole text as one 1-D tensor (no special tokens added)."""
+    if not text.strip():
+        raise ValueError("text is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(token_ids: torch.Tensor, count: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``[count, length]`` windows at random starts drawn with a fixed seed (SparseGPT's way)."""
+    _check_window_args(count, length)
+    total = token_ids.numel()
+    if total <= length:
+        raise ValueError(
+            f"calibration text has {total} tokens, shorter than one window of {length}+1; "
+            "use more text or a smaller sequence_length"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - length, (count,), generator=generator)
+    return torch.stack([token_ids[s : s + length] for s in starts.tolist()])
+
+
+def contiguous_windows(token_ids: torch.Tensor, length: int, count: int | None = None) -> torch.Tensor:
+    """The first ``count`` non-overlapping windows of ``length`` tokens (all when None)."""
+    _check_window_args(count if count is not None else 1, length)
+    available = token_ids.numel() // length
+    if available == 0:
+        raise ValueError(f"text has {token_ids.numel()} tokens, fewer than one window of {length}")
+    if count is not None and count > available:
+        raise ValueError(f"asked for {count} windows of {length} tokens, text holds {available}")
+    count = available if count is None else count
+    return token_ids[: count * length].reshape(count, length)
+
+
+def _check_window_args(count: int, length: int) -> None:
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"number of windows must be a positive integer, got {count!r}")
+    if not isinstance(length, int) or length < 2:
+        raise ValueError(f"sequence length must be an integer >= 2, got {length!r}")
+
+
+def calibration_windows(
+    tokenizer, source: str = "wikitext2", count: int = 64, length: int = 512, seed: int = 0,
+    text_field: str = "text",
+) -> torch.Tensor:
+    """Protocol v1 calibration set: ``count`` random windows of ``length`` tokens."""
+    text = load_text(source, "calibration", text_field)
+    return random_windows(tokenize(tokenizer, text), count, length, seed)
+
+
+def evaluation_windows(
+    tokenizer, source: str = "wikitext2", length: int = 512, count: int | None = 32,
+    text_field: str = "text",
+) -> torch.Tensor:
+    """Protocol v1 evaluation set: the first ``count`` non-overlapping windows of the text."""
+    text = load_text(source, "evaluation", text_field)
+    return contiguous_windows(tokenize(tokenizer, text), length, count)
+
+
+def shard_for_rank(windows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """The contiguous slice of windows rank ``rank`` of ``world_size`` calibrates on."""
+    if windows.shape[0] < world_size:
+        raise ValueError(f"{windows.shape[0]} windows cannot be shared by {world_size} ranks")
+    return windows.tensor_split(world_size)[rank]
+

@@ -1,0 +1,114 @@
+"""Evaluation: perplexity (benchmark protocol v1), KL between two models, sparsity report."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import is_linear, weight_matrix
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    predicted_tokens: int
+    windows: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, show_progress: bool = True
+) -> PerplexityResult:
+    """Perplexity over ``[n, L]`` token windows: NLL summed over every predicted token
+    (``L - 1`` per window, each window scored on its own) divided by their count.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [n, L>=2] token ids, got {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    total_nll = torch.zeros((), dtype=torch.float64)
+    count = 0
+    try:
+        batches = windows.split(batch_size)
+        for batch in tqdm(batches, desc="perplexity", disable=not show_progress):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  reduction="sum")
+            total_nll += nll.double().cpu()
+            count += targets.numel()
+    finally:
+        model.train(was_training)
+    mean = float(total_nll) / count
+    return PerplexityResult(math.exp(mean), mean, count, windows.shape[0],
+                            time.perf_counter() - start)
+
+
+@torch.no_grad()
+def kl_divergence(
+    reference: nn.Module, other: nn.Module, windows: torch.Tensor, batch_size: int = 4
+) -> float:
+    """Mean per-token KL(reference || other) of next-token distributions on ``windows``."""
+    total, count = 0.0, 0
+    device_ref = next(reference.parameters()).device
+    device_other = next(other.parameters()).device
+    for batch in windows.split(batch_size):
+        log_p = F.log_softmax(reference(input_ids=batch.to(device_ref)).logits.float(), -1)
+        log_q = F.log_softmax(other(input_ids=batch.to(device_other)).logits.float(), -1)
+        kl = (log_p.exp() * (log_p - log_q.to(log_p.device))).sum(-1)
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / count
+
+
+@dataclass
+class LayerSparsity:
+    name: str
+    shape: tuple[int, ...]
+    zeros: int
+    total: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+
+def sparsity_report(model: nn.Module, names: list[str] | None = None) -> list[LayerSparsity]:
+    """Zero count of each linear weight (those in ``names``, or every linear layer)."""
+    wanted = set(names) if names is not None else None
+    report = []
+    for name, module in model.named_modules():
+        if not is_linear(module) or (wanted is not None and name not in wanted):
+            continue
+        weight = weight_matrix(module)
+        report.append(LayerSparsity(name, tuple(weight.shape), int((weight == 0).sum()),
+                                    weight.numel()))
+    return report
+
+
+def overall_sparsity(report: list[LayerSparsity]) -> float:
+    total = sum(r.total for r in report)
+    return sum(r.zeros for r in report) / total if total else 0.0
+
+
+def format_sparsity_report(report: list[LayerSparsity]) -> str:
+    width = max((len(r.name) for r in report), default=10)
+    lines = [f"{'layer':<{width}}  {'shape':>12}  sparsity"]
+    lines += [f"{r.name:<{width}}  {'x'.join(map(str, r.shape)):>12}  {r.sparsity:8.2%}"
+              for r in report]
+    lines.append(f"{'overall':<{width}}  {'':>12}  {overall_sparsity(report):8.2%}")
+    return "\n".join(lines)

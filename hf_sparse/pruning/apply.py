@@ -1,0 +1,197 @@
+"""Apply a pruning config to a model in place (the HF-facing side of ``core``).
+
+Lifecycle of ``prune_(model, config, calibration)``:
+  1. resolve the target linears per decoder block (``models.target_linears``), failing on
+     patterns that match nothing before any work;
+  2. magnitude: prune every target directly;
+     Wanda / SparseGPT: run the sequential engine; in each block collect input statistics,
+     prune the block's targets, re-run the block so the next block sees pruned activations;
+  3. record a ``sparsity`` block in ``model.config`` and return the keep-masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..calibration import StatsCollector, all_reduce_stats, broadcast_block, run_sequential
+from ..config_utils import to_dict
+from ..models import matches_pattern, set_weight_matrix, target_linears, weight_matrix
+from .config import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .core import damped_inverse_cholesky, magnitude_mask, obs_prune, wanda_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningResult:
+    """Keep-masks (``True`` = kept, ``[out, in]`` layout) by linear name, and timings."""
+
+    masks: dict[str, torch.Tensor]
+    seconds: float
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return 1.0 - kept / max(total, 1)
+
+
+def layer_sparsity(config: PruningConfig, name: str, module: nn.Module) -> float:
+    for pattern, value in config.sparsity_per_layer.items():
+        if matches_pattern(name, module, pattern):
+            return float(value)
+    return float(config.sparsity)
+
+
+def _prune_layer_magnitude(config: PruningConfig, name: str, module: nn.Module) -> torch.Tensor:
+    weight = weight_matrix(module)
+    keep = magnitude_mask(weight, layer_sparsity(config, name, module), config.pattern)
+    with torch.no_grad():
+        weight.mul_(keep.to(weight.dtype))
+    return keep
+
+
+def _block_pruner(
+    config: PruningConfig, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor]
+) -> Callable[[], None]:
+    """Install statistics hooks on a block's targets; return the function that prunes them."""
+    use_obs = isinstance(config, SparseGPTConfig)
+    collector = StatsCollector(linears, need_xtx=use_obs, need_sq_norms=not use_obs).__enter__()
+
+    def finish() -> None:
+        collector.__exit__()
+        all_reduce_stats(collector.stats)
+        factors: dict[int, torch.Tensor] = {}  # one inverse-Hessian factor per shared input
+        for name, module in linears.items():
+            stats = collector.stats.get(name)
+            if stats is None:
+                raise RuntimeError(f"{name} saw no input during calibration (is it used?)")
+            weight = weight_matrix(module)
+            sparsity = layer_sparsity(config, name, module)
+            if use_obs:
+                key = id(stats)
+                if key not in factors:
+                    factors[key] = damped_inverse_cholesky(stats.hessian, config.dampening)
+                pruned, keep = obs_prune(
+                    weight,
+                    stats.hessian,
+                    sparsity,
+                    config.pattern,
+                    block_size=config.block_size,
+                    hinv_upper=factors[key],
+                )
+                set_weight_matrix(module, pruned)
+            else:
+                keep = wanda_mask(weight, stats.sq_norms, sparsity, config.pattern)
+                with torch.no_grad():
+                    weight.mul_(keep.to(weight.dtype))
+            masks[name] = keep.cpu()
+
+    return finish
+
+
+def prune_(
+    model: nn.Module,
+    config: PruningConfig,
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> PruningResult:
+    """Prune ``model`` in place with ``config``; ``calibration`` is ``[n, seq_len]`` token ids.
+
+    Example::
+
+        result = prune_(model, SparseGPTConfig(sparsity=0.5), calibration=windows)
+        model.save_pretrained("pruned")  # zeros in place, `sparsity` block in config.json
+    """
+    if not isinstance(config, PruningConfig):
+        raise TypeError(f"config must be a PruningConfig, got {type(config).__name__}")
+    grouped = target_linears(model, config.targets, config.ignore, config.blocks)
+    if config.needs_calibration and calibration is None:
+        raise ValueError(
+            f"{config.method} needs calibration data: pass calibration=<[n, seq_len] token ids> "
+            "(e.g. hf_sparse.data.calibration_windows(...)), or use MagnitudeConfig"
+        )
+    if not isinstance(config, MagnitudeConfig | WandaConfig | SparseGPTConfig):
+        raise TypeError(f"no pruning implementation for {type(config).__name__}")
+    _check_nm_shapes(config, grouped)
+    start = time.perf_counter()
+    masks: dict[str, torch.Tensor] = {}
+    if isinstance(config, MagnitudeConfig):
+        for linears in grouped.values():
+            for name, module in linears.items():
+                masks[name] = _prune_layer_magnitude(config, name, module).cpu()
+    else:
+        def process_block(name: str, _block: nn.Module) -> Callable[[], None] | None:
+            linears = grouped[name]
+            return _block_pruner(config, linears, masks) if linears else None
+
+        run_sequential(
+            model,
+            calibration,
+            process_block,
+            batch_size=batch_size,
+            blocks=config.blocks,
+            show_progress=show_progress,
+            after_block=broadcast_block,
+        )
+    seconds = time.perf_counter() - start
+    result = PruningResult(masks=masks, seconds=seconds)
+    record_sparsity_config(model, config, result)
+    logger.info("%s pruned %d layers to %.2f%% in %.1fs", config.method, len(masks),
+                100 * result.sparsity, seconds)
+    return result
+
+
+def _check_nm_shapes(config: PruningConfig, grouped: dict[str, dict[str, nn.Module]]) -> None:
+    pattern = config.pattern
+    if pattern is None:
+        return
+    for linears in grouped.values():
+        for name, module in linears.items():
+            cols = weight_matrix(module).shape[1]
+            if cols % pattern.m:
+                raise ValueError(
+                    f"mask {pattern} needs input sizes divisible by {pattern.m}; "
+                    f"{name} has {cols} inputs: ignore it or choose another M"
+                )
+
+
+def record_sparsity_config(model: nn.Module, config: PruningConfig, result: PruningResult) -> None:
+    """Write the ``sparsity`` block that ``save_pretrained`` puts into ``config.json``."""
+    if getattr(model, "config", None) is None:
+        return
+    settings = to_dict(config)
+    model.config.sparsity = {
+        "method": config.method,
+        "sparsity": config.sparsity,
+        "structure": config.mask,
+        "targets": settings.pop("targets"),
+        "ignore": settings.pop("ignore"),
+        "pruned_layers": len(result.masks),
+        "measured_sparsity": round(result.sparsity, 6),
+        "settings": settings,
+        "library": "hf_sparse",
+    }
+
+
+def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every weight whose mask entry is False (masks in ``[out, in]`` layout)."""
+    modules = dict(model.named_modules())
+    for name, keep in masks.items():
+        module = modules.get(name)
+        if module is None:
+            raise KeyError(f"mask names module {name!r}, which this model does not have")
+        weight = weight_matrix(module)
+        if keep.shape != weight.shape:
+            raise ValueError(
+                f"mask for {name} has shape {tuple(keep.shape)}, weight is {tuple(weight.shape)}"
+            )
+        with torch.no_grad():
+            weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))

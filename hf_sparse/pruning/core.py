@@ -1,0 +1,228 @@
+"""Pruning maths on plain tensors: magnitude, Wanda and SparseGPT (OBS with error correction).
+
+Every function takes a ``[rows, cols]`` matrix (a weight in ``[out, in]`` layout, or a task
+vector of the same shape) and returns a keep-mask (``True`` = kept) and, for SparseGPT, the
+updated matrix. Nothing here knows about models, hooks or configs.
+
+References:
+- Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+  One-Shot", ICML 2023 (blockwise OBS solver, adaptive mask selection, N:M).
+- Sun et al., "A Simple and Effective Pruning Approach for Large Language Models" (Wanda),
+  ICLR 2024 (score |W| * ||X||, compared per output row).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """At most ``n`` non-zeros in every ``m`` consecutive weights along the input dimension."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    @property
+    def pruned_per_group(self) -> int:
+        return self.m - self.n
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_mask_structure(structure: str | None) -> NMPattern | None:
+    """``"unstructured"`` (or None) -> None; ``"2:4"`` -> NMPattern(2, 4)."""
+    if structure is None or structure == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(structure))
+    if not match:
+        raise ValueError(
+            f"mask must be 'unstructured' or 'N:M' (e.g. '2:4', '4:8'), got {structure!r}"
+        )
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise ValueError(f"mask {structure!r}: N:M needs 0 < N < M (N kept of every M)")
+    return NMPattern(n, m)
+
+
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    if not isinstance(sparsity, int | float) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def _check_nm_columns(cols: int, pattern: NMPattern) -> None:
+    if cols % pattern.m:
+        raise ValueError(
+            f"N:M mask {pattern} needs the input dimension to be a multiple of {pattern.m}, "
+            f"got {cols}"
+        )
+
+
+def keep_mask_from_scores(
+    scores: torch.Tensor, sparsity: float, pattern: NMPattern | None = None, per_row: bool = False
+) -> torch.Tensor:
+    """Keep the highest-scoring entries.
+
+    Unstructured: prune exactly ``round(sparsity * count)`` lowest scores, over the whole
+    matrix or (``per_row``) within each row. N:M: prune the ``m - n`` lowest of each group
+    of ``m`` consecutive columns in every row.
+    """
+    rows, cols = scores.shape
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if pattern is not None:
+        _check_nm_columns(cols, pattern)
+        groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+        drop = torch.topk(groups, pattern.pruned_per_group, dim=-1, largest=False).indices
+        keep.view(rows, cols // pattern.m, pattern.m).scatter_(-1, drop, False)
+        return keep
+    if per_row:
+        count = round(sparsity * cols)
+        if count:
+            drop = torch.topk(scores, count, dim=1, largest=False).indices
+            keep.scatter_(1, drop, False)
+        return keep
+    count = round(sparsity * scores.numel())
+    if count:
+        drop = torch.topk(scores.flatten(), count, largest=False).indices
+        keep.view(-1)[drop] = False
+    return keep
+
+
+def magnitude_mask(
+    weight: torch.Tensor, sparsity: float, pattern: NMPattern | None = None
+) -> torch.Tensor:
+    """Keep the largest ``|w|`` over the whole matrix (or per N:M group)."""
+    return keep_mask_from_scores(weight.detach().abs().float(), sparsity, pattern)
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda importance ``|W_ij| * ||X_j||_2`` from the summed squares of each input column."""
+    if input_sq_norms.shape != (weight.shape[1],):
+        raise ValueError(
+            f"shape mismatch: input norms have shape {tuple(input_sq_norms.shape)}, "
+            f"expected ({weight.shape[1]},) for a weight of shape {tuple(weight.shape)}"
+        )
+    return weight.detach().abs().float() * input_sq_norms.float().sqrt().unsqueeze(0)
+
+
+def wanda_mask(
+    weight: torch.Tensor,
+    input_sq_norms: torch.Tensor,
+    sparsity: float,
+    pattern: NMPattern | None = None,
+) -> torch.Tensor:
+    """Wanda keep-mask: scores compared within each output row (the paper's default)."""
+    return keep_mask_from_scores(wanda_scores(weight, input_sq_norms), sparsity, pattern, True)
+
+
+def damped_inverse_cholesky(
+    hessian: torch.Tensor, damp: float = 0.01, max_tries: int = 6
+) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)^-1`` with ``λ = damp * mean(diag H)``.
+
+    Dead inputs (zero diagonal) get a unit diagonal. When the factorisation fails the
+    damping grows tenfold, up to ``max_tries`` times, with a warning each time.
+    """
+    h = hessian.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = torch.diag(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(max_tries):
+        lam = damp * (10**attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+        logger.warning(
+            "Cholesky failed with damping %.3g; retrying with %.3g", float(lam), float(lam) * 10
+        )
+    raise RuntimeError(
+        f"Hessian is not positive definite even with damping {damp * 10 ** (max_tries - 1)} x "
+        "mean(diag): check the calibration data (NaN/inf activations?)"
+    )
+
+
+def obs_prune(
+    target: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: NMPattern | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    hinv_upper: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT: prune ``target`` and correct the remaining entries with the inverse Hessian.
+
+    ``target`` is any ``[rows, cols]`` matrix whose columns are the inputs whose second
+    moment is ``hessian`` (``X^T X`` up to scale): a weight, or a task vector ``W_ft - W_base``.
+    Columns are processed in blocks of ``block_size``; within a block the mask is chosen by the
+    OBS saliency ``w^2 / [H^-1]_jj^2`` (adaptive mask selection) and each pruned weight's error
+    is spread over the not-yet-processed columns. Returns ``(pruned float32 matrix, keep mask)``.
+    ``hinv_upper`` reuses a factor from ``damped_inverse_cholesky`` for matrices sharing ``H``.
+    """
+    rows, cols = target.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(
+            f"shape mismatch: Hessian is {tuple(hessian.shape)}, expected ({cols}, {cols}) "
+            f"for a target of shape {tuple(target.shape)}"
+        )
+    if pattern is not None:
+        _check_nm_columns(cols, pattern)
+        if block_size % pattern.m:
+            raise ValueError(f"block_size {block_size} must be a multiple of M={pattern.m}")
+    w = target.detach().to(torch.float32).clone()
+    dead = torch.diag(hessian) == 0
+    w[:, dead] = 0
+    hinv = hinv_upper if hinv_upper is not None else damped_inverse_cholesky(hessian, damp)
+    hinv = hinv.to(torch.float32)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        _obs_prune_block(w, hinv, keep, start, end, sparsity, pattern)
+    return w, keep
+
+
+def _obs_prune_block(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    keep: torch.Tensor,
+    start: int,
+    end: int,
+    sparsity: float,
+    pattern: NMPattern | None,
+) -> None:
+    block = w[:, start:end].clone()
+    hinv_block = hinv[start:end, start:end]
+    diag = torch.diag(hinv_block)
+    errors = torch.zeros_like(block)
+    block_keep = keep[:, start:end]
+    if pattern is None and sparsity > 0:
+        saliency = block**2 / diag.unsqueeze(0) ** 2
+        block_keep.copy_(keep_mask_from_scores(saliency, sparsity))
+    for j in range(end - start):
+        if pattern is not None and j % pattern.m == 0:
+            saliency = block[:, j : j + pattern.m] ** 2 / diag[j : j + pattern.m] ** 2
+            block_keep[:, j : j + pattern.m] = keep_mask_from_scores(saliency, 0.0, pattern)
+        column = block[:, j]
+        quantised = torch.where(block_keep[:, j], column, torch.zeros_like(column))
+        error = (column - quantised) / diag[j]
+        block[:, j:] -= error.unsqueeze(1) * hinv_block[j, j:].unsqueeze(0)
+        block[:, j] = quantised
+        errors[:, j] = error
+    w[:, start:end] = block
+    w[:, end:] -= errors @ hinv[start:end, end:]
