@@ -1,0 +1,44 @@
+"""hf_sparse: find, keep and remove the parameters of a language model that matter.
+
+Quick use::
+
+    from hf_sparse import SparseGPTConfig, prune_, calibration_windows
+    windows = calibration_windows(tokenizer, "wikitext2", count=64, length=512)
+    prune_(model, SparseGPTConfig(sparsity=0.5), windows)
+"""
+
+from .data import calibration_windows, evaluation_windows
+from .evaluation import perplexity, sparsity_report
+from .pipeline import oneshot, save_pruned
+from .pruning import (
+    MagnitudeConfig,
+    PruningConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    apply_masks_,
+    obs_prune,
+    prune_,
+)
+from .real_model import fetch_model, resolve_model_path
+from .recipes import load_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MagnitudeConfig",
+    "PruningConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "apply_masks_",
+    "calibration_windows",
+    "evaluation_windows",
+    "fetch_model",
+    "load_recipe",
+    "obs_prune",
+    "oneshot",
+    "perplexity",
+    "prune_",
+    "resolve_model_path",
+    "save_pruned",
+    "sparsity_report",
+]

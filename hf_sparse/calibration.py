@@ -12,6 +12,7 @@ so N processes on N shards of the calibration set give the statistics of the who
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -196,10 +197,8 @@ def capture_block_inputs(
     handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         for batch in batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return captured

@@ -44,8 +44,12 @@ def describe(cls: type) -> str:
     """One line per field: name, default and help; used by ``--help`` texts and docs."""
     lines = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+            )
         )
         lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)

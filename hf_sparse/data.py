@@ -34,16 +34,22 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
         ("validation", "test"),
     ),
     "lambada": NamedDataset(
-        "lambada/lambada_test.jsonl", "lambada/lambada_test.jsonl",
-        ("EleutherAI/lambada_openai", "default"), ("test", "test"),
+        "lambada/lambada_test.jsonl",
+        "lambada/lambada_test.jsonl",
+        ("EleutherAI/lambada_openai", "default"),
+        ("test", "test"),
     ),
     "alpaca": NamedDataset(
-        "alpaca/alpaca_data.sample5000.jsonl", "alpaca/alpaca_data.sample5000.jsonl",
-        ("tatsu-lab/alpaca", None), ("train", "train"),
+        "alpaca/alpaca_data.sample5000.jsonl",
+        "alpaca/alpaca_data.sample5000.jsonl",
+        ("tatsu-lab/alpaca", None),
+        ("train", "train"),
     ),
     "tinystories": NamedDataset(
-        "tinystories/TinyStories-train.first2MiB.txt", "tinystories/TinyStories-train.first2MiB.txt",
-        ("roneneldan/TinyStories", None), ("train", "validation"),
+        "tinystories/TinyStories-train.first2MiB.txt",
+        "tinystories/TinyStories-train.first2MiB.txt",
+        ("roneneldan/TinyStories", None),
+        ("train", "validation"),
     ),
 }
 _TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text", ".md"}
@@ -53,8 +59,11 @@ def data_dir() -> Path | None:
     """Local folder of named datasets, or None when there is none."""
     if os.environ.get("HF_SPARSE_DATA_DIR"):
         return Path(os.environ["HF_SPARSE_DATA_DIR"]).expanduser()
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data",
-                  Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    candidates = [
+        Path(__file__).resolve().parents[2] / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+    ]
     return next((c for c in candidates if c.is_dir()), None)
 
 
@@ -86,7 +95,10 @@ def read_text_file(path: str | os.PathLike, text_field: str = "text") -> str:
         import datasets
 
         builder = "parquet" if suffix == ".parquet" else "json"
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # empty or malformed files surface as datasets internals
+            raise ValueError(f"could not read records from {path}: {error!r}") from error
         return _records_to_text(table.to_list(), text_field, str(path))
     raise ValueError(
         f"unsupported data file type {suffix!r} for {path}; use .txt/.raw/.tokens text, "
@@ -94,7 +106,9 @@ def read_text_file(path: str | os.PathLike, text_field: str = "text") -> str:
     )
 
 
-def load_text(source: str | os.PathLike, split: str = "calibration", text_field: str = "text") -> str:
+def load_text(
+    source: str | os.PathLike, split: str = "calibration", text_field: str = "text"
+) -> str:
     """Text of a named dataset (``split`` = "calibration" or "evaluation"), a file or a Hub set."""
     if split not in ("calibration", "evaluation"):
         raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
@@ -108,8 +122,9 @@ def load_text(source: str | os.PathLike, split: str = "calibration", text_field:
         filename = named.calibration_file if split == "calibration" else named.evaluation_file
         if local is not None and (local / filename).exists():
             return read_text_file(local / filename, named.text_field)
-        return _load_hub_text(named.hub[0], named.hub[1], named.hub_splits[split != "calibration"],
-                              named.text_field)
+        return _load_hub_text(
+            named.hub[0], named.hub[1], named.hub_splits[split != "calibration"], named.text_field
+        )
     if source.startswith((".", "/", "~")) or source.endswith(tuple(_TEXT_SUFFIXES | {".jsonl"})):
         raise FileNotFoundError(
             f"data file {source} does not exist; named datasets: {sorted(NAMED_DATASETS)}"
@@ -153,7 +168,9 @@ def random_windows(token_ids: torch.Tensor, count: int, length: int, seed: int =
     return torch.stack([token_ids[s : s + length] for s in starts.tolist()])
 
 
-def contiguous_windows(token_ids: torch.Tensor, length: int, count: int | None = None) -> torch.Tensor:
+def contiguous_windows(
+    token_ids: torch.Tensor, length: int, count: int | None = None
+) -> torch.Tensor:
     """The first ``count`` non-overlapping windows of ``length`` tokens (all when None)."""
     _check_window_args(count if count is not None else 1, length)
     available = token_ids.numel() // length
@@ -173,7 +190,11 @@ def _check_window_args(count: int, length: int) -> None:
 
 
 def calibration_windows(
-    tokenizer, source: str = "wikitext2", count: int = 64, length: int = 512, seed: int = 0,
+    tokenizer,
+    source: str = "wikitext2",
+    count: int = 64,
+    length: int = 512,
+    seed: int = 0,
     text_field: str = "text",
 ) -> torch.Tensor:
     """Protocol v1 calibration set: ``count`` random windows of ``length`` tokens."""
@@ -182,7 +203,10 @@ def calibration_windows(
 
 
 def evaluation_windows(
-    tokenizer, source: str = "wikitext2", length: int = 512, count: int | None = 32,
+    tokenizer,
+    source: str = "wikitext2",
+    length: int = 512,
+    count: int | None = 32,
     text_field: str = "text",
 ) -> torch.Tensor:
     """Protocol v1 evaluation set: the first ``count`` non-overlapping windows of the text."""
@@ -195,4 +219,3 @@ def shard_for_rank(windows: torch.Tensor, rank: int, world_size: int) -> torch.T
     if windows.shape[0] < world_size:
         raise ValueError(f"{windows.shape[0]} windows cannot be shared by {world_size} ranks")
     return windows.tensor_split(world_size)[rank]
-

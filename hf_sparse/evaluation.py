@@ -47,15 +47,17 @@ def perplexity(
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             targets = batch[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                  reduction="sum")
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
             total_nll += nll.double().cpu()
             count += targets.numel()
     finally:
         model.train(was_training)
     mean = float(total_nll) / count
-    return PerplexityResult(math.exp(mean), mean, count, windows.shape[0],
-                            time.perf_counter() - start)
+    return PerplexityResult(
+        math.exp(mean), mean, count, windows.shape[0], time.perf_counter() - start
+    )
 
 
 @torch.no_grad()
@@ -95,8 +97,9 @@ def sparsity_report(model: nn.Module, names: list[str] | None = None) -> list[La
         if not is_linear(module) or (wanted is not None and name not in wanted):
             continue
         weight = weight_matrix(module)
-        report.append(LayerSparsity(name, tuple(weight.shape), int((weight == 0).sum()),
-                                    weight.numel()))
+        report.append(
+            LayerSparsity(name, tuple(weight.shape), int((weight == 0).sum()), weight.numel())
+        )
     return report
 
 
@@ -108,7 +111,8 @@ def overall_sparsity(report: list[LayerSparsity]) -> float:
 def format_sparsity_report(report: list[LayerSparsity]) -> str:
     width = max((len(r.name) for r in report), default=10)
     lines = [f"{'layer':<{width}}  {'shape':>12}  sparsity"]
-    lines += [f"{r.name:<{width}}  {'x'.join(map(str, r.shape)):>12}  {r.sparsity:8.2%}"
-              for r in report]
+    lines += [
+        f"{r.name:<{width}}  {'x'.join(map(str, r.shape)):>12}  {r.sparsity:8.2%}" for r in report
+    ]
     lines.append(f"{'overall':<{width}}  {'':>12}  {overall_sparsity(report):8.2%}")
     return "\n".join(lines)

@@ -37,6 +37,10 @@ _LEAF_ROLES = {
 }
 _PARENT_ROLES = {("attn", "c_proj"): "o", ("mlp", "c_proj"): "fc2", ("attention", "dense"): "o"}
 
+# PEFT tuner layers keep the original layer as ``<name>.base_layer``; the adapter's own
+# linears (``lora_A``...) live beside it and are never pruning targets.
+ADAPTER_BASE_SUFFIX = ".base_layer"
+
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
 
@@ -94,7 +98,7 @@ def in_features(module: nn.Module) -> int:
 
 def linear_role(name: str) -> str | None:
     """Role of a linear layer from its qualified name (``q``, ``down``, ``qkv``, ...), or None."""
-    parts = name.split(".")
+    parts = name.removesuffix(ADAPTER_BASE_SUFFIX).split(".")
     leaf = parts[-1]
     parent = parts[-2] if len(parts) > 1 else ""
     return _PARENT_ROLES.get((parent, leaf)) or _LEAF_ROLES.get(leaf)
@@ -105,9 +109,7 @@ def model_type(model: nn.Module) -> str:
     return getattr(config, "model_type", type(model).__name__)
 
 
-def find_decoder_blocks(
-    model: nn.Module, blocks: str | None = None
-) -> list[tuple[str, nn.Module]]:
+def find_decoder_blocks(model: nn.Module, blocks: str | None = None) -> list[tuple[str, nn.Module]]:
     """The decoder blocks as ``(qualified name, module)`` in execution order.
 
     ``blocks`` overrides the lookup with the dotted path (or ``re:`` pattern) of the
@@ -164,6 +166,7 @@ def matches_pattern(name: str, module: nn.Module, pattern: str) -> bool:
     see ``ROLES``), a class name (``Linear``, ``Conv1D``), or a name suffix (``mlp.down_proj``,
     ``lm_head``) matched at a dot boundary.
     """
+    name = name.removesuffix(ADAPTER_BASE_SUFFIX)
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     if pattern in ROLES:
@@ -180,12 +183,18 @@ def select_linears(
 ) -> dict[str, nn.Module]:
     """Linear layers among ``named_modules`` matching any target and no ignore pattern.
 
-    ``targets=None`` means every linear layer.
+    ``targets=None`` means every linear layer. Inside PEFT-wrapped layers only the
+    ``base_layer`` is a candidate; patterns see it under its wrapper's name and role.
     """
+    named_modules = list(named_modules)
+    wrapped = [n for n, m in named_modules if hasattr(m, "base_layer") and not is_linear(m)]
     chosen = {}
     for name, module in named_modules:
         if not is_linear(module):
             continue
+        owner = next((w for w in wrapped if name.startswith(w + ".")), None)
+        if owner is not None and name != owner + ADAPTER_BASE_SUFFIX:
+            continue  # an adapter's own weights (lora_A, lora_B, ...)
         if targets is not None and not any(matches_pattern(name, module, t) for t in targets):
             continue
         if any(matches_pattern(name, module, p) for p in ignore):

@@ -85,6 +85,25 @@ def make_token_windows(vocab: int = VOCAB, n: int = 4, length: int = 16, seed: i
     return torch.randint(0, vocab, (n, length), generator=generator, dtype=torch.long)
 
 
+def build_word_tokenizer(text: str, max_vocab: int = VOCAB):
+    """A whitespace word-level ``PreTrainedTokenizerFast`` built in memory (no Hub).
+
+    Id 0 is ``[UNK]``; the first ``max_vocab - 1`` distinct words of ``text`` (by first
+    appearance) get ids 1, 2, ... so ids fit a tiny model's vocabulary.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0}
+    for word in text.split():
+        if len(vocab) >= max_vocab:
+            break
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
 @pytest.fixture
 def tiny_model():
     """Factory fixture: ``tiny_model("llama")`` -> a fresh seeded tiny model of that family."""
@@ -95,3 +114,9 @@ def tiny_model():
 def token_windows():
     """Factory fixture: ``token_windows(vocab, n, length, seed)`` -> ``[n, length]`` ids."""
     return make_token_windows
+
+
+@pytest.fixture
+def word_tokenizer():
+    """Factory fixture: ``word_tokenizer(text, max_vocab)`` -> an in-memory word tokenizer."""
+    return build_word_tokenizer

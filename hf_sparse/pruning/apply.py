@@ -128,6 +128,7 @@ def prune_(
             for name, module in linears.items():
                 masks[name] = _prune_layer_magnitude(config, name, module).cpu()
     else:
+
         def process_block(name: str, _block: nn.Module) -> Callable[[], None] | None:
             linears = grouped[name]
             return _block_pruner(config, linears, masks) if linears else None
@@ -144,8 +145,13 @@ def prune_(
     seconds = time.perf_counter() - start
     result = PruningResult(masks=masks, seconds=seconds)
     record_sparsity_config(model, config, result)
-    logger.info("%s pruned %d layers to %.2f%% in %.1fs", config.method, len(masks),
-                100 * result.sparsity, seconds)
+    logger.info(
+        "%s pruned %d layers to %.2f%% in %.1fs",
+        config.method,
+        len(masks),
+        100 * result.sparsity,
+        seconds,
+    )
     return result
 
 

@@ -80,7 +80,7 @@ def keep_mask_from_scores(
     of ``m`` consecutive columns in every row.
     """
     rows, cols = scores.shape
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if pattern is not None:
         _check_nm_columns(cols, pattern)
         groups = scores.reshape(rows, cols // pattern.m, pattern.m)

@@ -50,7 +50,9 @@ def _ref_mask(scores: torch.Tensor, sparsity: float, pattern, per_row: bool) -> 
         return torch.tensor(keep)
     if per_row:
         count = round(sparsity * cols)
-        return torch.tensor([_ref_keep_lowest_dropped(scores[r].tolist(), count) for r in range(rows)])
+        return torch.tensor(
+            [_ref_keep_lowest_dropped(scores[r].tolist(), count) for r in range(rows)]
+        )
     flat = _ref_keep_lowest_dropped(scores.flatten().tolist(), round(sparsity * scores.numel()))
     return torch.tensor(flat).reshape(rows, cols)
 
@@ -131,7 +133,8 @@ def test_keep_mask_from_scores_nm_needs_divisible_columns():
 
 
 @pytest.mark.parametrize(
-    ("sparsity", "pattern"), [(0.3, None), (0.5, None), (0.0, NMPattern(2, 4)), (0.0, NMPattern(4, 8))]
+    ("sparsity", "pattern"),
+    [(0.3, None), (0.5, None), (0.0, NMPattern(2, 4)), (0.0, NMPattern(4, 8))],
 )
 def test_magnitude_mask_keeps_largest_abs(sparsity, pattern):
     signs = torch.where(torch.rand(8, 16, generator=_gen(3)) < 0.5, -1.0, 1.0)
@@ -144,7 +147,8 @@ def test_magnitude_mask_keeps_largest_abs(sparsity, pattern):
 
 
 @pytest.mark.parametrize(
-    ("sparsity", "pattern"), [(0.25, None), (0.5, None), (0.0, NMPattern(2, 4)), (0.0, NMPattern(4, 8))]
+    ("sparsity", "pattern"),
+    [(0.25, None), (0.5, None), (0.0, NMPattern(2, 4)), (0.0, NMPattern(4, 8))],
 )
 def test_wanda_mask_matches_bruteforce_row_ranking(sparsity, pattern):
     rows, cols = 6, 16
@@ -152,7 +156,8 @@ def test_wanda_mask_matches_bruteforce_row_ranking(sparsity, pattern):
     norms = torch.rand(cols, generator=_gen(6)) * 10 + 0.1
     keep = wanda_mask(weight, norms, sparsity, pattern)
     scores = [
-        [abs(weight[r, c].item()) * norms[c].item() ** 0.5 for c in range(cols)] for r in range(rows)
+        [abs(weight[r, c].item()) * norms[c].item() ** 0.5 for c in range(cols)]
+        for r in range(rows)
     ]
     expected = _ref_mask(torch.tensor(scores, dtype=torch.float64), sparsity, pattern, per_row=True)
     assert torch.equal(keep, expected)
@@ -206,8 +211,10 @@ def _features(n: int, cols: int, seed: int, correlated: bool = True) -> torch.Te
     gen = _gen(seed)
     x = torch.randn(n, cols, generator=gen, dtype=torch.float64)
     if correlated:
-        x = x @ (torch.eye(cols, dtype=torch.float64) + torch.randn(cols, cols, generator=gen,
-                                                                    dtype=torch.float64) * 0.5)
+        x = x @ (
+            torch.eye(cols, dtype=torch.float64)
+            + torch.randn(cols, cols, generator=gen, dtype=torch.float64) * 0.5
+        )
     return x
 
 
@@ -289,7 +296,9 @@ def test_obs_prune_nm_groups_exact(pattern):
     assert ((result != 0).reshape(rows, -1, pattern.m).sum(-1) <= pattern.n).all()
 
 
-@pytest.mark.parametrize(("sparsity", "pattern"), [(0.5, None), (0.7, None), (0.0, NMPattern(2, 4))])
+@pytest.mark.parametrize(
+    ("sparsity", "pattern"), [(0.5, None), (0.7, None), (0.0, NMPattern(2, 4))]
+)
 def test_obs_prune_task_vector_beats_magnitude(sparsity, pattern):
     rows, cols = 16, 32
     x = _features(256, cols, seed=15).float()
@@ -312,7 +321,9 @@ def test_obs_prune_reuses_inverse_factor():
     hessian = x.T @ x
     target = torch.randn(4, 8, generator=_gen(19))
     direct = obs_prune(target, hessian, 0.5, block_size=4)
-    reused = obs_prune(target, hessian, 0.5, block_size=4, hinv_upper=damped_inverse_cholesky(hessian))
+    reused = obs_prune(
+        target, hessian, 0.5, block_size=4, hinv_upper=damped_inverse_cholesky(hessian)
+    )
     torch.testing.assert_close(direct[0], reused[0])
     assert torch.equal(direct[1], reused[1])
 

@@ -1,0 +1,200 @@
+"""The ``hf-sparse`` command line.
+
+hf-sparse fetch-model smollm2-135m
+hf-sparse run recipes/quickstart.yaml [--output-dir DIR] [--overwrite]
+hf-sparse prune MODEL --method sparsegpt --sparsity 0.5 [--mask 2:4] --output-dir DIR
+hf-sparse eval MODEL [--dataset wikitext2] [--num-windows 32]
+hf-sparse push FOLDER --repo-id NAMESPACE/NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+logger = logging.getLogger("hf_sparse")
+
+
+def _print_metrics(result) -> None:
+    metrics = result.metrics
+    lines = []
+    if "dense" in metrics:
+        lines.append(f"dense perplexity:   {metrics['dense']['perplexity']:.3f}")
+    if "pruned" in metrics:
+        lines.append(
+            f"pruned perplexity:  {metrics['pruned']['perplexity']:.3f} "
+            f"({metrics['perplexity_ratio']:.3f}x dense)"
+        )
+    lines.append(f"sparsity:           {100 * metrics['sparsity']:.2f}% of the pruned layers")
+    lines.append(f"pruning time:       {metrics['prune_seconds']:.1f} s")
+    if result.output_dir is not None:
+        lines.append(f"saved to:           {result.output_dir}")
+    print("\n".join(lines))
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from .real_model import fetch_model
+
+    print(fetch_model(args.name, cache_dir=args.cache_dir))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import oneshot
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.model:
+        recipe.model = args.model
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    result = oneshot(None, recipe, overwrite=args.overwrite)
+    _print_metrics(result)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import oneshot
+    from .recipes import recipe_from_dict
+
+    settings = {"sparsity": args.sparsity, "mask": args.mask}
+    if args.ignore is not None:
+        settings["ignore"] = args.ignore
+    if args.targets is not None:
+        settings["targets"] = args.targets
+    recipe = recipe_from_dict(
+        {
+            "model": args.model,
+            "calibration": {
+                "dataset": args.dataset,
+                "num_samples": args.num_samples,
+                "sequence_length": args.sequence_length,
+                "seed": args.seed,
+            },
+            "pruning": {args.method: settings},
+            "evaluation": None
+            if args.no_eval
+            else {"dataset": args.eval_dataset, "num_windows": args.num_windows},
+            "output_dir": args.output_dir,
+        },
+        where="command line",
+    )
+    result = oneshot(None, recipe, overwrite=args.overwrite)
+    _print_metrics(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import evaluation_windows
+    from .evaluation import format_sparsity_report, perplexity, sparsity_report
+    from .pipeline import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    windows = evaluation_windows(tokenizer, args.dataset, args.sequence_length, args.num_windows)
+    result = perplexity(model, windows, args.batch_size)
+    report = sparsity_report(model)
+    if args.layers:
+        print(format_sparsity_report(report))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                **result.to_dict(),
+                "linear_sparsity": sum(r.zeros for r in report)
+                / max(sum(r.total for r in report), 1),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private)
+    print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pruning.config import PRUNING_METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="hf-sparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch-model", help="fetch a known model and cache a float32 copy")
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser("run", help="run a YAML recipe")
+    p.add_argument("recipe")
+    p.add_argument("--model", default=None, help="override the recipe's model")
+    p.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prune", help="prune a model one-shot and save it")
+    p.add_argument("model", help="known name (smollm2-135m), local folder or Hub id")
+    p.add_argument("--method", choices=sorted(PRUNING_METHODS), default="sparsegpt")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction removed, in [0, 1)")
+    p.add_argument("--mask", default="unstructured", help="'unstructured' or N:M, e.g. 2:4")
+    p.add_argument("--targets", nargs="+", default=None, help="patterns of layers to prune")
+    p.add_argument("--ignore", nargs="+", default=None, help="patterns never pruned")
+    p.add_argument("--dataset", default="wikitext2", help="calibration set (name or file)")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--sequence-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-dataset", default="wikitext2")
+    p.add_argument("--num-windows", type=int, default=32)
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity and sparsity of a model")
+    p.add_argument("model")
+    p.add_argument("--dataset", default="wikitext2")
+    p.add_argument("--sequence-length", type=int, default=512)
+    p.add_argument("--num-windows", type=int, default=32, help="first N windows")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("push", help="upload a saved pruned model to the Hub")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--token", default=None)
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as error:
+        if args.verbose:
+            raise
+        print(f"hf-sparse {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

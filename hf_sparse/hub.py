@@ -1,0 +1,119 @@
+"""Model cards rendered from ``model_cards/`` templates, and pushing a saved folder to the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE = "pruned_model.md"
+REQUIRED_FILES = ("config.json", "README.md")
+
+
+def load_template(name: str = TEMPLATE) -> Template:
+    """A card template shipped in ``model_cards/`` (packaged as ``hf_sparse.model_cards``)."""
+    return Template(resources.files("hf_sparse.model_cards").joinpath(name).read_text())
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return format(value, spec) if isinstance(value, int | float) else "not measured"
+
+
+def render_model_card(
+    sparsity: dict[str, Any],
+    results: dict[str, Any],
+    recipe=None,
+    base_model: str | None = None,
+    repo_id: str = "<your-namespace>/<model-name>",
+) -> str:
+    """Markdown card: base model, method, settings, sparsity, measured perplexity, recipe."""
+    metrics = results.get("metrics", {})
+    dense = metrics.get("dense", {}).get("perplexity")
+    pruned = metrics.get("pruned", {}).get("perplexity")
+    method = sparsity.get("method", "unknown")
+    structure = sparsity.get("structure", "unstructured")
+    windows = metrics.get("pruned", {}).get("windows")
+    eval_note = (
+        f"Perplexity on {windows} non-overlapping windows of the evaluation text "
+        "(hf_sparse benchmark protocol v1: WikiText-2 raw test, 512-token windows)."
+        if windows
+        else "Perplexity was not measured for this model."
+    )
+    return load_template().safe_substitute(
+        base_model=base_model or "unknown",
+        title=f"{Path(str(base_model or 'model')).name} pruned with {method} ({structure})",
+        method=method,
+        method_title={"sparsegpt": "SparseGPT", "wanda": "Wanda"}.get(method, method),
+        structure=structure,
+        structure_tag=structure.replace(":", "of"),
+        sparsity_pct=f"{100 * float(sparsity.get('sparsity', 0)):.0f}%",
+        measured_sparsity_pct=f"{100 * float(sparsity.get('measured_sparsity', 0)):.2f}%",
+        pruned_layers=sparsity.get("pruned_layers", "?"),
+        dense_ppl=_fmt(dense),
+        pruned_ppl=_fmt(pruned),
+        ratio=_fmt(pruned / dense if dense and pruned else None),
+        eval_note=eval_note,
+        prune_seconds=_fmt(metrics.get("prune_seconds"), ".1f"),
+        settings=json.dumps(sparsity, indent=2),
+        recipe=yaml.safe_dump(recipe.to_dict(), sort_keys=False).strip() if recipe else "(none)",
+        repo_id=repo_id,
+    )
+
+
+def check_upload_folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder to push {folder} does not exist")
+    missing = [f for f in REQUIRED_FILES if not (folder / f).exists()]
+    if not any(folder.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
+    if missing:
+        raise ValueError(
+            f"{folder} is not a saved hf_sparse model (missing {missing}); save it with "
+            "`hf-sparse prune`/`hf-sparse run` or `oneshot(..., output_dir=...)` first"
+        )
+    return folder
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload pruned model (hf_sparse)",
+    api=None,
+):
+    """Upload a saved folder (weights, config, masks, card) to ``repo_id``.
+
+    The card's usage snippet is re-rendered with the real ``repo_id`` before upload.
+    ``api`` defaults to ``huggingface_hub.HfApi(token=token)``.
+    """
+    folder = check_upload_folder(folder)
+    if not repo_id or repo_id.count("/") != 1:
+        raise ValueError(f"repo_id must look like 'namespace/name', got {repo_id!r}")
+    card = folder / "README.md"
+    card.write_text(card.read_text().replace("<your-namespace>/<model-name>", repo_id))
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    logger.info("uploading %s to %s", folder, repo_id)
+    return api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message
+    )
+
+
+def card_metadata(card_text: str) -> dict[str, Any]:
+    """The YAML front matter of a card."""
+    if not card_text.startswith("---\n"):
+        return {}
+    return yaml.safe_load(card_text.split("---\n", 2)[1]) or {}

@@ -1,0 +1,106 @@
+"""Data-parallel pruning of the tiny test model; run by tests/test_distributed.py as
+
+    torchrun --nproc_per_node 2 tests/distributed_prune.py OUT_DIR
+
+Every rank builds the same seeded tiny Llama and the same calibration set, calibrates on its
+own shard (``shard_for_rank``), and statistics are all-reduced inside ``prune_``. Rank 0
+writes to OUT_DIR:
+
+  sparsegpt.safetensors / wanda.safetensors   pruned state_dict + ``mask.<linear>`` tensors
+  stats.safetensors                           all-reduced block-0 statistics
+                                              (``xtx.<linear>``, ``sq_norms.<linear>``,
+                                              ``tokens.<linear>``)
+
+The single-process side of the comparison imports ``build_model``, ``calibration_set`` and
+``block0_stats`` from here, so both sides run the very same code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from conftest import VOCAB, build_tiny_model, make_token_windows
+from safetensors.torch import save_file
+
+from hf_sparse.calibration import (
+    StatsCollector,
+    all_reduce_stats,
+    distributed_world,
+    run_sequential,
+)
+from hf_sparse.data import shard_for_rank
+from hf_sparse.models import target_linears
+from hf_sparse.pruning import SparseGPTConfig, WandaConfig, prune_
+
+N_WINDOWS, SEQ_LEN, BATCH_SIZE = 8, 32, 2
+CONFIGS = {"sparsegpt": SparseGPTConfig(sparsity=0.5), "wanda": WandaConfig(sparsity=0.5)}
+
+
+def build_model() -> torch.nn.Module:
+    return build_tiny_model("llama", seed=0)
+
+
+def calibration_set() -> torch.Tensor:
+    return make_token_windows(VOCAB, N_WINDOWS, SEQ_LEN, seed=0)
+
+
+def prune_state(name: str, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Prune a fresh model with ``CONFIGS[name]``; its state_dict plus ``mask.*`` entries."""
+    model = build_model()
+    result = prune_(model, CONFIGS[name], calibration, batch_size=BATCH_SIZE, show_progress=False)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state.update({f"mask.{k}": v.contiguous() for k, v in result.masks.items()})
+    return state
+
+
+def block0_stats(calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X^T X and squared column norms at the inputs of block 0's linears (all-reduced)."""
+    model = build_model()
+    grouped = target_linears(model, None, ["lm_head"], None)
+    first = next(iter(grouped))
+    out: dict[str, torch.Tensor] = {}
+
+    def process_block(name, _block):
+        if name != first:
+            return None
+        collector = StatsCollector(grouped[name], need_xtx=True, need_sq_norms=True).__enter__()
+
+        def finish():
+            collector.__exit__()
+            all_reduce_stats(collector.stats)
+            for linear, stats in collector.stats.items():
+                out[f"xtx.{linear}"] = stats.xtx.clone()
+                out[f"sq_norms.{linear}"] = stats.sq_norms.clone()
+                out[f"tokens.{linear}"] = torch.tensor([stats.tokens])
+
+        return finish
+
+    run_sequential(model, calibration, process_block, batch_size=BATCH_SIZE, show_progress=False)
+    return out
+
+
+def main(out_dir: str) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)  # initialises the gloo process group under torchrun
+    rank, world = distributed_world()
+    assert world == accelerator.num_processes > 1, (world, accelerator.num_processes)
+    shard = shard_for_rank(calibration_set(), rank, world)
+    assert shard.shape[0] == N_WINDOWS // world
+
+    results = {name: prune_state(name, shard) for name in CONFIGS}
+    stats = block0_stats(shard)
+    if rank == 0:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, state in results.items():
+            save_file(state, str(out / f"{name}.safetensors"))
+        save_file(stats, str(out / "stats.safetensors"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
