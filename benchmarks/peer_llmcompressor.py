@@ -33,19 +33,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, type=Path,
-                   help="local HF model directory (float32 safetensors)")
-    p.add_argument("--calib", required=True, type=Path,
-                   help="safetensors file with one int64 tensor `input_ids` [N, L]: "
-                        "the exact calibration windows")
-    p.add_argument("--method", required=True, choices=["sparsegpt", "wanda"],
-                   help="pruning algorithm")
-    p.add_argument("--sparsity", type=float, default=0.5,
-                   help="target sparsity (llmc ignores it for 2:4)")
-    p.add_argument("--mask", choices=["unstructured", "2:4"], default="unstructured",
-                   help="sparsity pattern")
-    p.add_argument("--out", required=True, type=Path,
-                   help="output directory for the pruned (dense) model")
+    p.add_argument(
+        "--model", required=True, type=Path, help="local HF model directory (float32 safetensors)"
+    )
+    p.add_argument(
+        "--calib",
+        required=True,
+        type=Path,
+        help="safetensors file with one int64 tensor `input_ids` [N, L]: "
+        "the exact calibration windows",
+    )
+    p.add_argument(
+        "--method", required=True, choices=["sparsegpt", "wanda"], help="pruning algorithm"
+    )
+    p.add_argument(
+        "--sparsity", type=float, default=0.5, help="target sparsity (llmc ignores it for 2:4)"
+    )
+    p.add_argument(
+        "--mask", choices=["unstructured", "2:4"], default="unstructured", help="sparsity pattern"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output directory for the pruned (dense) model"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening_frac")
     p.add_argument("--block-size", type=int, default=128, help="SparseGPT block_size")
@@ -74,8 +83,11 @@ def load_processor(model_dir: Path) -> tuple[object, bool]:
     try:
         return AutoTokenizer.from_pretrained(str(model_dir)), True
     except Exception as e:  # noqa: BLE001 - any failure -> placeholder
-        print(f"[peer_llmcompressor] no tokenizer in {model_dir} ({type(e).__name__}); "
-              "using placeholder", file=sys.stderr)
+        print(
+            f"[peer_llmcompressor] no tokenizer in {model_dir} ({type(e).__name__}); "
+            "using placeholder",
+            file=sys.stderr,
+        )
         from tokenizers import Tokenizer, models
 
         tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0}, unk_token="<unk>"))
@@ -88,9 +100,9 @@ def build_recipe(args: argparse.Namespace) -> list:
     if args.method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
-        return [SparseGPTModifier(
-            block_size=args.block_size, dampening_frac=args.dampening, **common
-        )]
+        return [
+            SparseGPTModifier(block_size=args.block_size, dampening_frac=args.dampening, **common)
+        ]
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
     return [WandaPruningModifier(**common)]

@@ -39,10 +39,15 @@ DECODER_LINEAR = re.compile(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj$")  # = the
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None,
-                   help="local HF model dir (default: hf_sparse.real_model.fetch_model())")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="local HF model dir (default: hf_sparse.real_model.fetch_model())",
+    )
     p.add_argument("--methods", nargs="+", choices=list(RUNS), default=list(RUNS))
     p.add_argument("--peer", action="store_true", help="also run llm-compressor (wanda/sparsegpt)")
     p.add_argument("--repeats", type=int, default=1, help="timed prunes per run; median reported")
@@ -92,14 +97,18 @@ def prepare(args: argparse.Namespace) -> dict:
     from hf_sparse.data import calibration_windows, evaluation_windows
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    calib = calibration_windows(tokenizer, "wikitext2", count=args.calib_windows,
-                                length=args.seq_len, seed=args.seed)
-    evaluation = evaluation_windows(tokenizer, "wikitext2", length=args.seq_len,
-                                    count=args.eval_windows)
+    calib = calibration_windows(
+        tokenizer, "wikitext2", count=args.calib_windows, length=args.seq_len, seed=args.seed
+    )
+    evaluation = evaluation_windows(
+        tokenizer, "wikitext2", length=args.seq_len, count=args.eval_windows
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     for name, ids in (("calib", calib), ("eval", evaluation)):
-        save_file({"input_ids": ids.to(dtype=calib.dtype).contiguous()},
-                  str(args.out / f"{name}.safetensors"))
+        save_file(
+            {"input_ids": ids.to(dtype=calib.dtype).contiguous()},
+            str(args.out / f"{name}.safetensors"),
+        )
     return {"calib": list(calib.shape), "eval": list(evaluation.shape)}
 
 
@@ -124,9 +133,14 @@ def single(args: argparse.Namespace, method: str, mask: str) -> dict:
         prune_(model, config, calib, show_progress=False)
         walls.append(time.perf_counter() - start)
     ppl = perplexity(model, load_windows(args, "eval"), batch_size=4, show_progress=False)
-    return {"wall_s": statistics.median(walls) if walls else None, "walls": walls,
-            "sparsity": measured_sparsity(model), "ppl": ppl.perplexity,
-            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
+    return {
+        "wall_s": statistics.median(walls) if walls else None,
+        "walls": walls,
+        "sparsity": measured_sparsity(model),
+        "ppl": ppl.perplexity,
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def evaluate(args: argparse.Namespace, directory: Path) -> dict:
@@ -150,26 +164,64 @@ def child(cmd: list[str], log: str) -> dict:
 
 
 def worker_cmd(args: argparse.Namespace, *mode: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--model", str(args.model),
-            "--out", str(args.out), "--threads", str(args.threads), "--repeats",
-            str(args.repeats), "--calib-windows", str(args.calib_windows), "--eval-windows",
-            str(args.eval_windows), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
-            *mode]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--model",
+        str(args.model),
+        "--out",
+        str(args.out),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--calib-windows",
+        str(args.calib_windows),
+        "--eval-windows",
+        str(args.eval_windows),
+        "--seq-len",
+        str(args.seq_len),
+        "--seed",
+        str(args.seed),
+        *mode,
+    ]
 
 
 def run_peer(args: argparse.Namespace, method: str, mask: str, name: str) -> dict:
     """llm-compressor ``--repeats`` times on the same calib file; our perplexity on its model."""
     out_dir = args.out / "peer" / name.replace(":", "_")
-    runs = [child([str(PEER_PYTHON), str(PEER_SCRIPT), "--model", str(args.model),
-                   "--calib", str(args.out / "calib.safetensors"), "--method", method,
-                   "--sparsity", "0.5", "--mask", mask, "--out", str(out_dir),
-                   "--threads", str(args.threads)], f"peer {name}")
-            for _ in range(args.repeats)]
+    runs = [
+        child(
+            [
+                str(PEER_PYTHON),
+                str(PEER_SCRIPT),
+                "--model",
+                str(args.model),
+                "--calib",
+                str(args.out / "calib.safetensors"),
+                "--method",
+                method,
+                "--sparsity",
+                "0.5",
+                "--mask",
+                mask,
+                "--out",
+                str(out_dir),
+                "--threads",
+                str(args.threads),
+            ],
+            f"peer {name}",
+        )
+        for _ in range(args.repeats)
+    ]
     scored = child(worker_cmd(args, "--evaluate", str(out_dir)), f"evaluate peer {name}")
-    return {"wall_s": statistics.median(r["wall_s"] for r in runs),
-            "walls": [r["wall_s"] for r in runs],
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-            "version": runs[0]["version"], **scored}
+    return {
+        "wall_s": statistics.median(r["wall_s"] for r in runs),
+        "walls": [r["wall_s"] for r in runs],
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "version": runs[0]["version"],
+        **scored,
+    }
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -177,20 +229,42 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def markdown(rows: list[dict], dense_ppl: float) -> str:
-    head = ["method", "settings", "ppl", "ratio to dense", "wall s", "peak MiB", "peer ppl",
-            "peer wall s", "peer peak MiB", "wall ratio ours/peer"]
+    head = [
+        "method",
+        "settings",
+        "ppl",
+        "ratio to dense",
+        "wall s",
+        "peak MiB",
+        "peer ppl",
+        "peer wall s",
+        "peer peak MiB",
+        "wall ratio ours/peer",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peer = r.get("peer") or {}
-        settings = "–" if r["method"] == "dense" else (
-            f"{r['mask']}, 50% (meas. {r['sparsity']:.2%}"
-            + (f"; peer {peer['sparsity']:.2%})" if peer else ")"))
+        settings = (
+            "–"
+            if r["method"] == "dense"
+            else (
+                f"{r['mask']}, 50% (meas. {r['sparsity']:.2%}"
+                + (f"; peer {peer['sparsity']:.2%})" if peer else ")")
+            )
+        )
         ratio = (r["wall_s"] / peer["wall_s"]) if peer and r["wall_s"] else None
-        cells = [r["method"], settings, fmt(r["ppl"], ".2f"),
-                 fmt(r["ppl"] / dense_ppl, ".3f") + "x", fmt(r["wall_s"], ".1f"),
-                 fmt(r["peak_rss_mib"], ".0f"), fmt(peer.get("ppl"), ".2f"),
-                 fmt(peer.get("wall_s"), ".1f"), fmt(peer.get("peak_rss_mib"), ".0f"),
-                 fmt(ratio, ".2f") + ("x" if ratio else "")]
+        cells = [
+            r["method"],
+            settings,
+            fmt(r["ppl"], ".2f"),
+            fmt(r["ppl"] / dense_ppl, ".3f") + "x",
+            fmt(r["wall_s"], ".1f"),
+            fmt(r["peak_rss_mib"], ".0f"),
+            fmt(peer.get("ppl"), ".2f"),
+            fmt(peer.get("wall_s"), ".1f"),
+            fmt(peer.get("peak_rss_mib"), ".0f"),
+            fmt(ratio, ".2f") + ("x" if ratio else ""),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -200,24 +274,36 @@ def orchestrate(args: argparse.Namespace) -> None:
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     peer = args.peer and PEER_PYTHON.exists()
     if args.peer and not peer:
-        print(f"[bench] {PEER_PYTHON} missing (run benchmarks/setup_llmcompressor_venv.sh): "
-              "skipping the llm-compressor peer", file=sys.stderr)
+        print(
+            f"[bench] {PEER_PYTHON} missing (run benchmarks/setup_llmcompressor_venv.sh): "
+            "skipping the llm-compressor peer",
+            file=sys.stderr,
+        )
     shapes = child(worker_cmd(args, "--prepare"), "prepare windows")
     dense = child(worker_cmd(args, "--single", "dense", "none"), "dense")
     rows = [{"method": "dense", "mask": None, **dense}]
     for name in args.methods:
         method, mask = RUNS[name]
-        row = {"method": method, "mask": mask,
-               **child(worker_cmd(args, "--single", method, mask), f"ours {name}")}
+        row = {
+            "method": method,
+            "mask": mask,
+            **child(worker_cmd(args, "--single", method, mask), f"ours {name}"),
+        }
         if peer and method in PEER_METHODS:
             row["peer"] = run_peer(args, method, mask, name)
         rows.append(row)
         print(f"[bench] {name}: {json.dumps(row)}", file=sys.stderr, flush=True)
     table = markdown(rows, dense["ppl"])
-    meta = {"command": command, "date": started, "torch_threads": dense["threads"],
-            "repeats": args.repeats, "model": str(args.model), "windows": shapes,
-            "peer": "llm-compressor " + next((r["peer"]["version"] for r in rows if r.get("peer")),
-                                             "not run")}
+    meta = {
+        "command": command,
+        "date": started,
+        "torch_threads": dense["threads"],
+        "repeats": args.repeats,
+        "model": str(args.model),
+        "windows": shapes,
+        "peer": "llm-compressor "
+        + next((r["peer"]["version"] for r in rows if r.get("peer")), "not run"),
+    }
     header = "\n".join(f"- {k}: `{v}`" for k, v in meta.items())
     text = f"# Pruning benchmark (protocol v1)\n\n{header}\n\n{table}\n"
     (args.out / "prune_smollm2.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
@@ -235,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
     if args.prepare or args.single or args.evaluate:
-        record = (prepare(args) if args.prepare else single(args, *args.single) if args.single
-                  else evaluate(args, args.evaluate))
+        record = (
+            prepare(args)
+            if args.prepare
+            else single(args, *args.single)
+            if args.single
+            else evaluate(args, args.evaluate)
+        )
         print(json.dumps(record), flush=True)
         return 0
     orchestrate(args)

@@ -29,10 +29,17 @@ class RecordingApi:
 
 @pytest.fixture
 def saved(tmp_path):
-    recipe = {"model": "tiny", "pruning": {"wanda": {"mask": "2:4"}},
-              "output_dir": str(tmp_path / "pruned")}
-    oneshot(build_tiny_model("llama"), recipe, dataset=torch.randint(0, 128, (4, 16)),
-            show_progress=False)
+    recipe = {
+        "model": "tiny",
+        "pruning": {"wanda": {"mask": "2:4"}},
+        "output_dir": str(tmp_path / "pruned"),
+    }
+    oneshot(
+        build_tiny_model("llama"),
+        recipe,
+        dataset=torch.randint(0, 128, (4, 16)),
+        show_progress=False,
+    )
     return tmp_path / "pruned"
 
 
@@ -51,10 +58,15 @@ def test_push_uploads_the_saved_folder_with_the_repo_id_in_the_card(saved):
     api = RecordingApi()
     url = push_to_hub(saved, "someone/tiny-wanda-2of4", api=api)
     assert url.endswith("someone/tiny-wanda-2of4")
-    (kind, repo, files), = [c for c in api.calls if c[0] == "upload_folder"]
+    ((kind, repo, files),) = [c for c in api.calls if c[0] == "upload_folder"]
     assert repo == "someone/tiny-wanda-2of4"
-    assert {"config.json", "model.safetensors", "sparsity_masks.safetensors",
-            "README.md", "recipe.yaml"} <= set(files)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "sparsity_masks.safetensors",
+        "README.md",
+        "recipe.yaml",
+    } <= set(files)
     assert b'from_pretrained("someone/tiny-wanda-2of4")' in files["README.md"]
 
 

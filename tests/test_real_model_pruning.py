@@ -23,9 +23,23 @@ def smollm2() -> str:
 def test_cli_prunes_smollm2_and_the_saved_model_reloads_identically(smollm2, tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "smollm2-sparsegpt"
-    code = main(["prune", smollm2, "--method", "sparsegpt", "--sparsity", "0.5",
-                 "--num-samples", "4", "--sequence-length", "128", "--no-eval",
-                 "--output-dir", str(out)])
+    code = main(
+        [
+            "prune",
+            smollm2,
+            "--method",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--num-samples",
+            "4",
+            "--sequence-length",
+            "128",
+            "--no-eval",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert code == 0
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
     masks = load_masks(out / "sparsity_masks.safetensors")

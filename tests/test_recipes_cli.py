@@ -64,8 +64,11 @@ def test_unknown_recipe_keys_are_rejected_with_the_valid_list(tmp_path):
     bad = {"model": "x", "pruning": {"sparsegpt": {"sparsity": 0.5}}, "calibraton": {}}
     with pytest.raises(ValueError, match="calibraton.*valid keys"):
         recipe_from_dict(bad)
-    bad = {"model": "x", "pruning": {"sparsegpt": {"sparsity": 0.5}},
-           "calibration": {"num_sample": 3}}
+    bad = {
+        "model": "x",
+        "pruning": {"sparsegpt": {"sparsity": 0.5}},
+        "calibration": {"num_sample": 3},
+    }
     with pytest.raises(ValueError, match="num_sample.*valid keys.*num_samples"):
         recipe_from_dict(bad)
     with pytest.raises(ValueError, match="exactly one method"):
@@ -78,14 +81,34 @@ def test_unknown_recipe_keys_are_rejected_with_the_valid_list(tmp_path):
 def test_cli_prune_then_eval(tiny_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     text = str(tmp_path / "text.txt")
-    code = main(["prune", str(tiny_dir), "--method", "wanda", "--mask", "2:4", "--dataset", text,
-                 "--num-samples", "4", "--sequence-length", "16", "--eval-dataset", text,
-                 "--num-windows", "4", "--output-dir", str(out)])
+    code = main(
+        [
+            "prune",
+            str(tiny_dir),
+            "--method",
+            "wanda",
+            "--mask",
+            "2:4",
+            "--dataset",
+            text,
+            "--num-samples",
+            "4",
+            "--sequence-length",
+            "16",
+            "--eval-dataset",
+            text,
+            "--num-windows",
+            "4",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "pruned perplexity" in printed and "sparsity:           50.00%" in printed
-    code = main(["eval", str(out), "--dataset", text, "--sequence-length", "16",
-                 "--num-windows", "4"])
+    code = main(
+        ["eval", str(out), "--dataset", text, "--sequence-length", "16", "--num-windows", "4"]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["windows"] == 4 and report["linear_sparsity"] > 0.4
@@ -96,23 +119,59 @@ def test_cli_errors_are_clear_and_leave_no_output(tiny_dir, tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["prune", str(tiny_dir), "--sparsity", "1.5", "--output-dir", str(out)]) == 2
     assert "sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
-    assert main(["prune", str(tmp_path / "missing"), "--sparsity", "0.5",
-                 "--output-dir", str(out)]) == 2
+    assert (
+        main(["prune", str(tmp_path / "missing"), "--sparsity", "0.5", "--output-dir", str(out)])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("w1 w2 w3")
-    assert main(["prune", str(tiny_dir), "--sparsity", "0.5", "--dataset", str(short),
-                 "--sequence-length", "16", "--num-samples", "2", "--no-eval",
-                 "--output-dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_dir),
+                "--sparsity",
+                "0.5",
+                "--dataset",
+                str(short),
+                "--sequence-length",
+                "16",
+                "--num-samples",
+                "2",
+                "--no-eval",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "shorter than one window" in capsys.readouterr().err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
-    assert main(["prune", str(tiny_dir), "--sparsity", "0.5", "--dataset", text,
-                 "--num-samples", "2", "--sequence-length", "16", "--no-eval",
-                 "--output-dir", str(existing)]) == 2
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_dir),
+                "--sparsity",
+                "0.5",
+                "--dataset",
+                text,
+                "--num-samples",
+                "2",
+                "--sequence-length",
+                "16",
+                "--no-eval",
+                "--output-dir",
+                str(existing),
+            ]
+        )
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err
     assert (existing / "keep.txt").exists()
 
@@ -124,16 +183,20 @@ def test_failed_save_leaves_no_half_written_folder(tiny_dir, tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(pipeline_module, "save_masks", broken)
-    recipe = {"model": str(tiny_dir), "pruning": {"magnitude": {"sparsity": 0.5}},
-              "output_dir": str(tmp_path / "out")}
+    recipe = {
+        "model": str(tiny_dir),
+        "pruning": {"magnitude": {"sparsity": 0.5}},
+        "output_dir": str(tmp_path / "out"),
+    }
     with pytest.raises(OSError, match="disk full"):
         oneshot(None, recipe, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt", "tiny-llama"]
 
 
 def test_cli_run_recipe_file(tiny_dir, tmp_path, capsys):
-    data = _small(load_recipe(RECIPES[0]).to_dict(), tiny_dir, tmp_path / "text.txt",
-                  tmp_path / "run-out")
+    data = _small(
+        load_recipe(RECIPES[0]).to_dict(), tiny_dir, tmp_path / "text.txt", tmp_path / "run-out"
+    )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["run", str(path)]) == 0

@@ -29,8 +29,11 @@ CONFIGS = {
 
 
 def _linears(model, config):
-    return {n: m for g in target_linears(model, config.targets, config.ignore).values()
-            for n, m in g.items()}
+    return {
+        n: m
+        for g in target_linears(model, config.targets, config.ignore).values()
+        for n, m in g.items()
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -38,8 +41,9 @@ def _linears(model, config):
 def test_every_target_layer_has_the_requested_sparsity(arch, case):
     config = CONFIGS[case]
     model = build_tiny_model(arch)
-    result = prune_(model, config, make_token_windows(n=4, length=16), batch_size=2,
-                    show_progress=False)
+    result = prune_(
+        model, config, make_token_windows(n=4, length=16), batch_size=2, show_progress=False
+    )
     linears = _linears(model, config)
     assert set(result.masks) == set(linears)
     for name, module in linears.items():
@@ -70,8 +74,11 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_reconstruction():
     with torch.no_grad():
         reference = dense(windows).logits
     errors = {}
-    for config in (MagnitudeConfig(sparsity=0.5), WandaConfig(sparsity=0.5),
-                   SparseGPTConfig(sparsity=0.5)):
+    for config in (
+        MagnitudeConfig(sparsity=0.5),
+        WandaConfig(sparsity=0.5),
+        SparseGPTConfig(sparsity=0.5),
+    ):
         model = build_tiny_model("llama")
         prune_(model, config, windows, show_progress=False)
         with torch.no_grad():
@@ -80,16 +87,18 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_reconstruction():
 
 
 def test_sparsity_per_layer_and_targets():
-    config = SparseGPTConfig(sparsity=0.5, targets=["q", "k", "down"],
-                             sparsity_per_layer={"down": 0.25})
+    config = SparseGPTConfig(
+        sparsity=0.5, targets=["q", "k", "down"], sparsity_per_layer={"down": 0.25}
+    )
     model = build_tiny_model("llama")
     result = prune_(model, config, make_token_windows(n=2), show_progress=False)
     assert {n.split(".")[-1] for n in result.masks} == {"q_proj", "k_proj", "down_proj"}
     for name, keep in result.masks.items():
         expected = 0.25 if name.endswith("down_proj") else 0.5
         assert 1 - keep.float().mean().item() == pytest.approx(expected, abs=1 / 32)
-    untouched = sparsity_report(model, [n.replace("q_proj", "v_proj") for n in result.masks
-                                        if n.endswith("q_proj")])
+    untouched = sparsity_report(
+        model, [n.replace("q_proj", "v_proj") for n in result.masks if n.endswith("q_proj")]
+    )
     assert all(r.zeros == 0 for r in untouched)
 
 
@@ -122,8 +131,11 @@ def test_errors_before_any_work():
     with pytest.raises(ValueError, match="needs calibration data"):
         prune_(model, WandaConfig(sparsity=0.5), None)
     with pytest.raises(ValueError, match="matches no linear layer"):
-        prune_(model, SparseGPTConfig(sparsity=0.5, targets=["nonexistent_proj"]),
-               make_token_windows(n=2))
+        prune_(
+            model,
+            SparseGPTConfig(sparsity=0.5, targets=["nonexistent_proj"]),
+            make_token_windows(n=2),
+        )
     with pytest.raises(ValueError, match="non-empty \\[n_windows, seq_len\\]"):
         prune_(model, SparseGPTConfig(sparsity=0.5), torch.zeros(0, 8, dtype=torch.long))
     odd = build_tiny_model("llama", intermediate_size=68)  # down_proj has 68 inputs
@@ -158,10 +170,16 @@ def test_peft_wrapped_model_prunes_base_layers_not_adapters():
 
     model = get_peft_model(build_tiny_model("llama"), LoraConfig(target_modules=["q_proj"], r=4))
     lora_before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
-    result = prune_(model, SparseGPTConfig(sparsity=0.5, targets=["q", "down"]),
-                    make_token_windows(n=2), show_progress=False)
-    assert sorted(n.rsplit(".", 2)[-2:][0] if n.endswith("base_layer") else n.rsplit(".", 1)[-1]
-                  for n in result.masks) == ["down_proj", "down_proj", "q_proj", "q_proj"]
+    result = prune_(
+        model,
+        SparseGPTConfig(sparsity=0.5, targets=["q", "down"]),
+        make_token_windows(n=2),
+        show_progress=False,
+    )
+    assert sorted(
+        n.rsplit(".", 2)[-2:][0] if n.endswith("base_layer") else n.rsplit(".", 1)[-1]
+        for n in result.masks
+    ) == ["down_proj", "down_proj", "q_proj", "q_proj"]
     for name, param in model.named_parameters():
         if name in lora_before:
             assert torch.equal(param, lora_before[name]), name
