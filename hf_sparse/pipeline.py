@@ -26,7 +26,7 @@ from .evaluation import perplexity, sparsity_report
 from .io import atomic_output_dir, check_output_dir, write_json_atomic
 from .masked.bitmask import save_masks
 from .pruning import PruningResult, prune_
-from .real_model import resolve_model_path
+from .real_model import KNOWN_MODELS, resolve_model_path
 from .recipes import Recipe, load_recipe, recipe_from_dict
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ def save_pruned(
     """Save a pruned model so that plain ``from_pretrained`` loads it, atomically."""
     from .hub import render_model_card
 
+    if base_model in KNOWN_MODELS:
+        base_model = KNOWN_MODELS[base_model].hub_id
     report = sparsity_report(model, sorted(result.masks))
     results = {
         "base_model": base_model,

