@@ -19,11 +19,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration import StatsCollector, all_reduce_stats, broadcast_block, run_sequential
+from ..calibration import (
+    InputStats,
+    StatsCollector,
+    all_reduce_stats,
+    broadcast_block,
+    run_sequential,
+)
 from ..config_utils import to_dict
 from ..models import matches_pattern, set_weight_matrix, target_linears, weight_matrix
 from .config import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
-from .core import damped_inverse_cholesky, magnitude_mask, obs_prune, wanda_mask
+from .core import magnitude_mask, obs_prune, wanda_mask
 
 logger = logging.getLogger(__name__)
 
@@ -66,34 +72,56 @@ def _block_pruner(
 
     def finish() -> None:
         collector.__exit__()
+        missing = [name for name in linears if name not in collector.stats]
+        if missing:
+            raise RuntimeError(f"{missing} saw no input during calibration (are they used?)")
         all_reduce_stats(collector.stats)
-        factors: dict[int, torch.Tensor] = {}  # one inverse-Hessian factor per shared input
+        if use_obs:
+            _obs_prune_shared(config, linears, collector.stats, masks)
+            return
         for name, module in linears.items():
-            stats = collector.stats.get(name)
-            if stats is None:
-                raise RuntimeError(f"{name} saw no input during calibration (is it used?)")
             weight = weight_matrix(module)
             sparsity = layer_sparsity(config, name, module)
-            if use_obs:
-                key = id(stats)
-                if key not in factors:
-                    factors[key] = damped_inverse_cholesky(stats.hessian, config.dampening)
-                pruned, keep = obs_prune(
-                    weight,
-                    stats.hessian,
-                    sparsity,
-                    config.pattern,
-                    block_size=config.block_size,
-                    hinv_upper=factors[key],
-                )
-                set_weight_matrix(module, pruned)
-            else:
-                keep = wanda_mask(weight, stats.sq_norms, sparsity, config.pattern)
-                with torch.no_grad():
-                    weight.mul_(keep.to(weight.dtype))
+            keep = wanda_mask(weight, collector.stats[name].sq_norms, sparsity, config.pattern)
+            with torch.no_grad():
+                weight.mul_(keep.to(weight.dtype))
             masks[name] = keep.cpu()
 
     return finish
+
+
+def _obs_prune_shared(
+    config: SparseGPTConfig,
+    linears: dict[str, nn.Module],
+    stats: dict[str, InputStats],
+    masks: dict[str, torch.Tensor],
+) -> None:
+    """SparseGPT on a block: layers reading the same input (q/k/v, gate/up) are stacked and
+    solved together, one Hessian factor and one column sweep for the group."""
+    groups: dict[int, list[str]] = {}
+    for name in linears:
+        groups.setdefault(id(stats[name]), []).append(name)
+    for names in groups.values():
+        hessian = stats[names[0]].hessian
+        weights = [weight_matrix(linears[n]) for n in names]
+        row_groups = [
+            (w.shape[0], layer_sparsity(config, n, linears[n]))
+            for n, w in zip(names, weights, strict=True)
+        ]
+        pruned, keep = obs_prune(
+            torch.cat([w.detach().float() for w in weights]),
+            hessian,
+            config.sparsity,
+            config.pattern,
+            block_size=config.block_size,
+            damp=config.dampening,
+            row_groups=row_groups,
+        )
+        first = 0
+        for name, (rows, _) in zip(names, row_groups, strict=True):
+            set_weight_matrix(linears[name], pruned[first : first + rows])
+            masks[name] = keep[first : first + rows].cpu()
+            first += rows
 
 
 def prune_(

@@ -165,6 +165,7 @@ def obs_prune(
     block_size: int = 128,
     damp: float = 0.01,
     hinv_upper: torch.Tensor | None = None,
+    row_groups: list[tuple[int, float]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune ``target`` and correct the remaining entries with the inverse Hessian.
 
@@ -174,8 +175,15 @@ def obs_prune(
     OBS saliency ``w^2 / [H^-1]_jj^2`` (adaptive mask selection) and each pruned weight's error
     is spread over the not-yet-processed columns. Returns ``(pruned float32 matrix, keep mask)``.
     ``hinv_upper`` reuses a factor from ``damped_inverse_cholesky`` for matrices sharing ``H``.
+    ``row_groups`` = ``[(row count, sparsity), ...]`` covering the rows: several layers that
+    read the same input (q/k/v) stacked into one target, each with its own unstructured mask
+    budget. Rows are independent given ``H``, so this equals solving them one by one.
     """
     rows, cols = target.shape
+    if row_groups is None:
+        row_groups = [(rows, sparsity)]
+    if sum(count for count, _ in row_groups) != rows:
+        raise ValueError(f"row_groups {row_groups} do not cover the target's {rows} rows")
     if hessian.shape != (cols, cols):
         raise ValueError(
             f"shape mismatch: Hessian is {tuple(hessian.shape)}, expected ({cols}, {cols}) "
@@ -193,7 +201,7 @@ def obs_prune(
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        _obs_prune_block(w, hinv, keep, start, end, sparsity, pattern)
+        _obs_prune_block(w, hinv, keep, start, end, row_groups, pattern)
     return w, keep
 
 
@@ -203,7 +211,7 @@ def _obs_prune_block(
     keep: torch.Tensor,
     start: int,
     end: int,
-    sparsity: float,
+    row_groups: list[tuple[int, float]],
     pattern: NMPattern | None,
 ) -> None:
     block = w[:, start:end].clone()
@@ -211,9 +219,14 @@ def _obs_prune_block(
     diag = torch.diag(hinv_block)
     errors = torch.zeros_like(block)
     block_keep = keep[:, start:end]
-    if pattern is None and sparsity > 0:
+    if pattern is None:
         saliency = block**2 / diag.unsqueeze(0) ** 2
-        block_keep.copy_(keep_mask_from_scores(saliency, sparsity))
+        first = 0
+        for count, sparsity in row_groups:
+            if sparsity > 0:
+                rows = slice(first, first + count)
+                block_keep[rows] = keep_mask_from_scores(saliency[rows], sparsity)
+            first += count
     for j in range(end - start):
         if pattern is not None and j % pattern.m == 0:
             saliency = block[:, j : j + pattern.m] ** 2 / diag[j : j + pattern.m] ** 2

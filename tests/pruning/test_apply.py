@@ -183,3 +183,22 @@ def test_peft_wrapped_model_prunes_base_layers_not_adapters():
     for name, param in model.named_parameters():
         if name in lora_before:
             assert torch.equal(param, lora_before[name]), name
+
+
+def test_stacked_obs_solve_equals_layer_by_layer_solves():
+    """q/k/v (and gate/up) are solved stacked; rows are independent given H."""
+    from hf_sparse.pruning.core import obs_prune
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    hessian = x.t() @ x / 256
+    a, b = torch.randn(12, 32), torch.randn(8, 32)
+    stacked, keep = obs_prune(
+        torch.cat([a, b]), hessian, 0.5, block_size=8, row_groups=[(12, 0.5), (8, 0.25)]
+    )
+    alone_a, keep_a = obs_prune(a, hessian, 0.5, block_size=8)
+    alone_b, keep_b = obs_prune(b, hessian, 0.25, block_size=8)
+    assert torch.equal(keep, torch.cat([keep_a, keep_b]))
+    assert torch.allclose(stacked, torch.cat([alone_a, alone_b]), atol=1e-5)
+    with pytest.raises(ValueError, match="do not cover"):
+        obs_prune(a, hessian, 0.5, row_groups=[(5, 0.5)])
