@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from hf_sparse.masked.bitmask import load_masks, save_masks
+from hf_sparse.masked.bitmask import MASKS_FILE, load_masks, save_masks
 from hf_sparse.models import target_linears, weight_matrix
 from hf_sparse.pruning import PruningConfig, apply_masks_, prune_
 
 logger = logging.getLogger(__name__)
-
-MASKS_FILE = "sparsity_masks.safetensors"
 
 
 class PruningCallback(TrainerCallback):

@@ -38,18 +38,3 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def describe(cls: type) -> str:
-    """One line per field: name, default and help; used by ``--help`` texts and docs."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
-            )
-        )
-        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)

@@ -24,14 +24,13 @@ from torch import nn
 from .data import calibration_windows, evaluation_windows
 from .evaluation import perplexity, sparsity_report
 from .io import atomic_output_dir, check_output_dir, write_json_atomic
-from .masked.bitmask import save_masks
+from .masked.bitmask import MASKS_FILE, save_masks
 from .pruning import PruningResult, prune_
 from .real_model import KNOWN_MODELS, resolve_model_path
 from .recipes import Recipe, load_recipe, recipe_from_dict
 
 logger = logging.getLogger(__name__)
 
-MASKS_FILE = "sparsity_masks.safetensors"
 RESULTS_FILE = "hf_sparse_results.json"
 RECIPE_FILE = "recipe.yaml"
 

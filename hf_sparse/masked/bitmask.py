@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+MASKS_FILE = "sparsity_masks.safetensors"  # name of the mask file beside saved weights
 _SHAPES_KEY = "hf_sparse.mask_shapes"
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
