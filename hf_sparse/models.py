@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .masked.ranking import TensorLayout
+
 # Leaf module name -> role. Parent-dependent names (GPT-2's ``c_proj`` is "o" under ``attn``
 # and "fc2" under ``mlp``) are resolved in ``linear_role``.
 _LEAF_ROLES = {
@@ -237,3 +239,45 @@ def target_linears(
         if not all_linears:
             raise ValueError(f"targets {targets} with ignore {ignore} leave no layer to prune")
     return grouped
+
+
+def _head_size(config) -> int | None:
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim:
+        return int(head_dim)
+    return hidden // heads if heads and hidden else None
+
+
+def parameter_layouts(model: nn.Module) -> dict[str, TensorLayout]:
+    """Ranking layout of every parameter: its output-row axis and, for attention projections,
+    the axis and width of one head (``hf_sparse.masked.top_k`` scopes ``row`` and ``head``).
+
+    q/k/v rows are grouped by head; the output projection's columns are; GPT-2's fused
+    ``c_attn`` holds q, k and v side by side (head groups along its output axis) and GPT-NeoX's
+    ``query_key_value`` interleaves q, k, v per head (groups of three head widths).
+    """
+    head = _head_size(getattr(model, "config", None))
+    layouts = {}
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = modules.get(owner_name)
+        if param.ndim < 2:
+            layouts[name] = TensorLayout(row_axis=None)
+            continue
+        conv1d = isinstance(owner, Conv1D)
+        row_axis = 1 if conv1d else 0
+        role = linear_role(owner_name) if owner is not None and is_linear(owner) else None
+        if leaf != "weight" or role not in ("q", "k", "v", "qkv", "o") or head is None:
+            layouts[name] = TensorLayout(row_axis=row_axis)
+            continue
+        out_axis, in_axis = (1, 0) if conv1d else (0, 1)
+        size = 3 * head if role == "qkv" and model_type(model) == "gpt_neox" else head
+        axis = in_axis if role == "o" else out_axis
+        if param.shape[axis] % size:
+            layouts[name] = TensorLayout(row_axis=row_axis)
+            continue
+        layouts[name] = TensorLayout(row_axis=row_axis, head_size=size, head_axis=axis)
+    return layouts

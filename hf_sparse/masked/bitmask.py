@@ -3,12 +3,19 @@
 Layout: for a mask named ``p`` the file holds ``p`` as a flat ``uint8`` tensor of packed bits
 (most significant bit first, like ``numpy.packbits``); the shapes live in the file's metadata
 under ``"hf_sparse.mask_shapes"`` as JSON.
+
+Very sparse masks are smaller as a list of positions: below a density of 1/32 the sorted flat
+``int32`` indices of the kept entries (4 bytes each) beat one bit per entry. ``encoding="auto"``
+picks the smaller form per tensor; the tensors stored as indices are listed under
+``"hf_sparse.mask_encodings"``. Either way the file stays far below int64 COO (16 bytes per
+kept entry of a matrix) and a dense bool tensor (1 byte per entry).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,6 +24,9 @@ from safetensors.torch import save_file
 
 MASKS_FILE = "sparsity_masks.safetensors"  # name of the mask file beside saved weights
 _SHAPES_KEY = "hf_sparse.mask_shapes"
+_ENCODINGS_KEY = "hf_sparse.mask_encodings"
+MASK_ENCODINGS = ("auto", "bits", "indices")
+_INT32_LIMIT = 2**31 - 1
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -43,14 +53,48 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
     return bits[:count].reshape(tuple(shape))
 
 
-def save_masks(masks: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write masks as packed bits to ``path`` atomically (temporary file, then rename)."""
+def _choose_encoding(mask: torch.Tensor, encoding: str) -> str:
+    if encoding == "bits" or mask.numel() > _INT32_LIMIT:
+        return "bits"
+    if encoding == "indices":
+        return "indices"
+    return "indices" if 4 * int(mask.sum()) < (mask.numel() + 7) // 8 else "bits"
+
+
+def save_masks(
+    masks: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    encoding: str = "auto",
+) -> Path:
+    """Write masks to ``path`` atomically (temporary file, then rename).
+
+    ``encoding``: ``bits`` (1 bit per entry), ``indices`` (int32 positions of kept entries) or
+    ``auto`` (the smaller per tensor). ``metadata`` (string keys and values) is stored in the
+    file header beside the shapes.
+    """
+    if encoding not in MASK_ENCODINGS:
+        raise ValueError(f"encoding must be one of {list(MASK_ENCODINGS)}, got {encoding!r}")
     path = Path(path)
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
-    tensors = {name: pack_bits(mask) for name, mask in masks.items()}
+    tensors, as_indices = {}, []
+    for name, mask in masks.items():
+        if _choose_encoding(mask, encoding) == "indices":
+            flat = mask.detach().reshape(-1).cpu()
+            tensors[name] = flat.nonzero().reshape(-1).to(torch.int32)
+            as_indices.append(name)
+        else:
+            tensors[name] = pack_bits(mask)
+    header = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = {_SHAPES_KEY, _ENCODINGS_KEY} & set(header)
+    if reserved:
+        raise ValueError(f"metadata keys {sorted(reserved)} are reserved for the mask layout")
+    header[_SHAPES_KEY] = json.dumps(shapes)
+    if as_indices:
+        header[_ENCODINGS_KEY] = json.dumps({name: "indices" for name in as_indices})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={_SHAPES_KEY: json.dumps(shapes)})
+        save_file(tensors, str(tmp), metadata=header)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -64,4 +108,32 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if _SHAPES_KEY not in metadata:
             raise ValueError(f"{path} is not an hf_sparse mask file (no {_SHAPES_KEY} metadata)")
         shapes = json.loads(metadata[_SHAPES_KEY])
-        return {name: unpack_bits(handle.get_tensor(name), shape) for name, shape in shapes.items()}
+        encodings = json.loads(metadata.get(_ENCODINGS_KEY, "{}"))
+        masks = {}
+        for name, shape in shapes.items():
+            stored = handle.get_tensor(name)
+            if encodings.get(name) == "indices":
+                masks[name] = _mask_from_indices(stored, shape, name)
+            else:
+                masks[name] = unpack_bits(stored, shape)
+        return masks
+
+
+def _mask_from_indices(indices: torch.Tensor, shape: list[int], name: str) -> torch.Tensor:
+    count = 1
+    for size in shape:
+        count *= size
+    if indices.ndim != 1 or (indices.numel() and (indices.min() < 0 or indices.max() >= count)):
+        raise ValueError(f"stored indices of mask {name!r} do not fit its shape {tuple(shape)}")
+    flat = torch.zeros(count, dtype=torch.bool)
+    flat[indices.long()] = True
+    return flat.reshape(tuple(shape))
+
+
+def load_mask_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata stored by ``save_masks`` (without the internal shapes entry)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata.pop(_SHAPES_KEY, None)
+    metadata.pop(_ENCODINGS_KEY, None)
+    return metadata
