@@ -22,7 +22,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from hf_sparse.masked import ParameterMasks, top_k
