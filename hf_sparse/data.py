@@ -146,6 +146,55 @@ def _load_hub_text(path: str, name: str | None, split: str, text_field: str) -> 
     return _records_to_text(table.to_list(), text_field, f"{path}:{split}")
 
 
+def _read_records_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix not in {".jsonl", ".json", ".parquet"}:
+        raise ValueError(f"records must be .jsonl, .json or .parquet, got {path}")
+    import datasets
+
+    builder = "parquet" if suffix == ".parquet" else "json"
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # empty or malformed files surface as datasets internals
+        raise ValueError(f"could not read records from {path}: {error!r}") from error
+    return table.to_list()
+
+
+def load_records(source: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """Records (dicts) of a jsonl/json/parquet file, a named dataset (``alpaca``) or a Hub set.
+
+    Used for instruction data, where each example keeps its fields (instruction, input,
+    output) instead of being joined into one text.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    named = NAMED_DATASETS.get(source)
+    if path.exists():
+        records = _read_records_file(path)
+    elif (
+        named is not None
+        and (local := data_dir()) is not None
+        and (local / named.calibration_file).exists()
+    ):
+        records = _read_records_file(local / named.calibration_file)
+    elif source.startswith((".", "/", "~")) or Path(source).suffix in {".jsonl", ".json"}:
+        raise FileNotFoundError(f"data file {source} does not exist")
+    else:
+        import datasets
+
+        hub, config = named.hub if named is not None else (source, None)
+        try:
+            records = datasets.load_dataset(hub, config, split="train").to_list()
+        except Exception as error:
+            raise ValueError(
+                f"could not load records of {source!r} from the Hub: {error}. Offline? Pass a "
+                "local .jsonl file or set HF_SPARSE_DATA_DIR."
+            ) from error
+    if not records:
+        raise ValueError(f"{source} holds no records")
+    return records[:limit] if limit is not None else records
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Token ids of the whole text as one 1-D tensor (no special tokens added)."""
     if not text.strip():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -116,3 +118,68 @@ def format_sparsity_report(report: list[LayerSparsity]) -> str:
     ]
     lines.append(f"{'overall':<{width}}  {'':>12}  {overall_sparsity(report):8.2%}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def masked_weights_zeroed(model: nn.Module, masks) -> Iterator[None]:
+    """Inside the block, the masked (True) entries of ``masks`` are zero; restored exactly after."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in masks if n not in params]
+    if unknown:
+        raise ValueError(f"masks name parameters the model lacks, e.g. {unknown[:3]}")
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, mask in masks.items():
+                param = params[name]
+                if tuple(mask.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"mask {name!r} is {tuple(mask.shape)}, parameter is {tuple(param.shape)}"
+                    )
+                mask = mask.to(param.device, torch.bool)
+                saved[name] = (mask, param[mask].clone())
+                param.masked_fill_(mask, 0)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, (mask, values) in saved.items():
+                params[name][mask] = values
+
+
+@torch.no_grad()
+def compare_generations_with_mask(
+    model: nn.Module, tokenizer, prompts: list[str], masks, max_new_tokens: int = 32
+) -> list[dict[str, str]]:
+    """Greedy continuations of each prompt with the model as is and with the masked weights
+    zeroed, side by side: ``[{"prompt", "original", "masked"}]``. Weights are restored after.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt to generate from")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def generate() -> list[str]:
+        texts = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        return texts
+
+    try:
+        original = generate()
+        with masked_weights_zeroed(model, masks):
+            masked = generate()
+    finally:
+        model.train(was_training)
+    return [
+        {"prompt": p, "original": o, "masked": m}
+        for p, o, m in zip(prompts, original, masked, strict=True)
+    ]

@@ -99,7 +99,8 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     )
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML mapping of a recipe file (any recipe kind), with clear errors."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist")
@@ -107,4 +108,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ValueError(f"recipe {path} is not valid YAML: {error}") from error
-    return recipe_from_dict(data, where=str(path))
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    return recipe_from_dict(read_recipe_file(path), where=str(path))
