@@ -9,6 +9,7 @@ Quick use::
 
 from .data import calibration_windows, evaluation_windows
 from .evaluation import perplexity, sparsity_report
+from .masked_lr import MaskedAdamW, MaskedLRConfig, get_masked_lr_model  # registers MASKED_LR
 from .pipeline import oneshot, save_pruned
 from .pruning import (
     MagnitudeConfig,
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MagnitudeConfig",
+    "MaskedAdamW",
+    "MaskedLRConfig",
     "PruningConfig",
     "SparseGPTConfig",
     "WandaConfig",
@@ -33,6 +36,7 @@ __all__ = [
     "calibration_windows",
     "evaluation_windows",
     "fetch_model",
+    "get_masked_lr_model",
     "load_recipe",
     "obs_prune",
     "oneshot",
