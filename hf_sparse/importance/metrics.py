@@ -1,0 +1,268 @@
+"""Importance metrics: one score per parameter entry, registered by name.
+
+Each metric is ``fn(model, samples, params, show_progress, **options) -> {name: float32 scores}``
+with scores in the parameter's stored shape. Gradient metrics run one sample at a time and add
+into float32 buffers, so per-sample gradients of the whole model never coexist; the sums are
+all-reduced over ranks when ``torch.distributed`` is initialised.
+
+- ``magnitude``: ``|w|``.
+- ``gradient``: ``|g|`` of the mean loss over samples (sum of per-sample gradients / n).
+- ``grad_x_weight``: ``|g * w|`` (first-order Taylor estimate of the loss change on removal).
+- ``fisher``: ``mean_s g_s^2``, the empirical Fisher diagonal.
+- ``hutchinson``: ``|E_z[z * Hz]|`` with Rademacher ``z``, the Hessian diagonal estimate of
+  Hutchinson (1990) / Bekas et al. (2007), ``probes`` per sample, by double backward.
+- ``wanda``: ``|W_ij| * ||X_j||`` (Sun et al., "A Simple and Effective Pruning Approach for
+  LLMs", 2023), linear layers only.
+- ``obs``: ``w_ij^2 / [H^-1]_jj`` with ``H = X^T X / n`` damped (Hassibi & Stork, "Optimal
+  Brain Surgeon", 1993; the SparseGPT saliency), linear layers only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import StatsCollector, all_reduce_stats, distributed_world
+from ..models import is_linear, weight_matrix
+from ..pruning.core import damped_inverse_cholesky, wanda_scores
+from .samples import as_samples
+from .selection import select_parameters
+
+logger = logging.getLogger(__name__)
+
+Scores = dict[str, torch.Tensor]
+Metric = Callable[..., Scores]
+IMPORTANCE_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str) -> Callable[[Metric], Metric]:
+    def decorate(fn: Metric) -> Metric:
+        IMPORTANCE_METRICS[name] = fn
+        return fn
+
+    return decorate
+
+
+@contextlib.contextmanager
+def _grad_only_for(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """Gradients for ``params`` only, eval mode; flags, mode and ``.grad`` restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    grads = {p: p.grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for p in params.values():
+            p.requires_grad_(True)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = grads[p]
+        model.train(was_training)
+
+
+def _loss(model: nn.Module, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=sample["input_ids"].to(device),
+        labels=sample["labels"].to(device),
+        use_cache=False,
+    )
+    return out.loss.float()
+
+
+def _all_reduce(buffers: Scores, count: int) -> int:
+    _, world = distributed_world()
+    if world == 1:
+        return count
+    for name in sorted(buffers):
+        torch.distributed.all_reduce(buffers[name])
+    total = torch.tensor([count], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def _zeros(params: dict[str, nn.Parameter]) -> Scores:
+    return {
+        n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()
+    }
+
+
+def _per_sample_gradients(model, samples, params, show_progress, desc):
+    """Yield each sample's gradients ``{name: float32 grad}`` (one sample alive at a time)."""
+    with _grad_only_for(model, params):
+        for sample in tqdm(samples, desc=desc, disable=not show_progress):
+            tensors = list(params.values())
+            grads = torch.autograd.grad(_loss(model, sample), tensors, allow_unused=True)
+            yield {
+                n: torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+                for (n, p), g in zip(params.items(), grads, strict=True)
+            }
+
+
+def _mean_gradient(model, samples, params, show_progress) -> Scores:
+    total = _zeros(params)
+    for grads in _per_sample_gradients(model, samples, params, show_progress, "gradient"):
+        for name, grad in grads.items():
+            total[name] += grad
+    count = _all_reduce(total, len(samples))
+    return {n: t / count for n, t in total.items()}
+
+
+@register_metric("magnitude")
+def magnitude(model, samples, params, show_progress=True) -> Scores:
+    return {n: p.detach().abs().float() for n, p in params.items()}
+
+
+@register_metric("gradient")
+def gradient(model, samples, params, show_progress=True) -> Scores:
+    return {n: g.abs() for n, g in _mean_gradient(model, samples, params, show_progress).items()}
+
+
+@register_metric("grad_x_weight")
+def grad_x_weight(model, samples, params, show_progress=True) -> Scores:
+    mean = _mean_gradient(model, samples, params, show_progress)
+    return {n: (g * params[n].detach().float()).abs() for n, g in mean.items()}
+
+
+@register_metric("fisher")
+def fisher(model, samples, params, show_progress=True) -> Scores:
+    total = _zeros(params)
+    for grads in _per_sample_gradients(model, samples, params, show_progress, "fisher"):
+        for name, grad in grads.items():
+            total[name] += grad.square()
+    count = _all_reduce(total, len(samples))
+    return {n: t / count for n, t in total.items()}
+
+
+@register_metric("hutchinson")
+def hutchinson(model, samples, params, show_progress=True, probes: int = 4, seed: int = 0):
+    if not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive integer, got {probes!r}")
+    generator = torch.Generator().manual_seed(seed)
+    total = _zeros(params)
+    tensors = list(params.values())
+    with _grad_only_for(model, params):
+        for sample in tqdm(samples, desc="hutchinson", disable=not show_progress):
+            grads = torch.autograd.grad(_loss(model, sample), tensors, create_graph=True)
+            for probe in range(probes):
+                z = [
+                    (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p)
+                    for p in tensors
+                ]
+                hz = torch.autograd.grad(grads, tensors, z, retain_graph=probe < probes - 1)
+                for name, zi, hzi in zip(params, z, hz, strict=True):
+                    total[name] += zi.float() * hzi.float()
+            del grads
+    count = _all_reduce(total, len(samples) * probes)
+    return {n: (t / count).abs() for n, t in total.items()}
+
+
+def _linear_owners(model: nn.Module, params: dict[str, nn.Parameter], metric: str):
+    modules = dict(model.named_modules())
+    owners = {}
+    for name in params:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = modules.get(owner_name)
+        if leaf != "weight" or owner is None or not is_linear(owner):
+            raise ValueError(
+                f"metric {metric!r} scores linear-layer weights only (it needs their inputs); "
+                f"{name!r} is not one. Choose params= among linear layers (e.g. roles q, up)."
+            )
+        owners[name] = owner
+    return owners
+
+
+def _input_stats(model, samples, owners, need_xtx: bool, show_progress: bool):
+    collector = StatsCollector(
+        {n: m for n, m in owners.items()}, need_xtx=need_xtx, need_sq_norms=not need_xtx
+    )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), collector:
+            for sample in tqdm(samples, desc="activations", disable=not show_progress):
+                model(input_ids=sample["input_ids"].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+    all_reduce_stats(collector.stats)
+    return collector.stats
+
+
+def _stored_layout(scores: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """Scores computed on ``[out, in]`` back into the parameter's stored shape (Conv1D: t)."""
+    return scores if scores.shape == param.shape else scores.t().contiguous()
+
+
+@register_metric("wanda")
+def wanda(model, samples, params, show_progress=True) -> Scores:
+    owners = _linear_owners(model, params, "wanda")
+    stats = _input_stats(model, samples, owners, need_xtx=False, show_progress=show_progress)
+    return {
+        n: _stored_layout(wanda_scores(weight_matrix(m), stats[n].sq_norms), params[n])
+        for n, m in owners.items()
+    }
+
+
+@register_metric("obs")
+def obs(model, samples, params, show_progress=True, damp: float = 0.01) -> Scores:
+    owners = _linear_owners(model, params, "obs")
+    stats = _input_stats(model, samples, owners, need_xtx=True, show_progress=show_progress)
+    inverse_diag: dict[int, torch.Tensor] = {}
+    scores = {}
+    for name, module in owners.items():
+        item = stats[name]
+        if id(item) not in inverse_diag:  # q/k/v (gate/up) share one input and one inverse
+            upper = damped_inverse_cholesky(item.hessian, damp)
+            inverse_diag[id(item)] = upper.square().sum(0)  # diag(U^T U) = diag(H^-1)
+        weight = weight_matrix(module).detach().float()
+        saliency = weight.square() / inverse_diag[id(item)].unsqueeze(0)
+        scores[name] = _stored_layout(saliency, params[name])
+    return scores
+
+
+def check_metric_options(metric: str, options: dict[str, Any]) -> None:
+    """Unknown metric or option names -> ValueError listing the valid ones (before work)."""
+    if metric not in IMPORTANCE_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {sorted(IMPORTANCE_METRICS)}")
+    fixed = {"model", "samples", "params", "show_progress"}
+    accepted = set(inspect.signature(IMPORTANCE_METRICS[metric]).parameters) - fixed
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for metric {metric!r}; it accepts {sorted(accepted)}"
+        )
+
+
+def compute_importance(
+    model: nn.Module,
+    batches: Any,
+    metric: str = "gradient",
+    params: list[str] | str | None = None,
+    show_progress: bool = True,
+    **options: Any,
+) -> Scores:
+    """Per-parameter float32 scores of ``metric`` on ``batches`` (see the module docstring).
+
+    ``batches``: a ``[n, L]`` token tensor (labels = inputs) or an iterable of dicts with
+    ``input_ids`` and optional ``labels`` (-100 = no loss) / ``attention_mask``. ``params``:
+    see ``select_parameters`` (default: the weights of every decoder-block linear).
+    """
+    check_metric_options(metric, options)
+    fn = IMPORTANCE_METRICS[metric]
+    samples = as_samples(batches) if metric != "magnitude" or batches is not None else []
+    selected = select_parameters(model, params)
+    logger.info("scoring %d tensors with %s on %d samples", len(selected), metric, len(samples))
+    scores = fn(model, samples, selected, show_progress, **options)
+    return {n: s.detach().float() for n, s in scores.items()}

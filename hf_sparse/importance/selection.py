@@ -1,0 +1,61 @@
+"""Which parameters a metric scores: patterns over parameter and module names."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..models import ROLES, find_decoder_blocks, is_linear, linear_role, matches_pattern
+
+
+def default_parameters(model: nn.Module) -> list[str]:
+    """Weights of every linear layer inside the decoder blocks (what every metric can score)."""
+    names = []
+    for block_name, block in find_decoder_blocks(model):
+        for name, module in block.named_modules():
+            if name and is_linear(module) and ".lora_" not in name:
+                names.append(f"{block_name}.{name}.weight")
+    return names
+
+
+def _matches(name: str, owner_name: str, owner: nn.Module | None, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    if owner is None or not name.endswith(".weight"):
+        return False
+    return is_linear(owner) and matches_pattern(owner_name, owner, pattern)
+
+
+def select_parameters(model: nn.Module, params: list[str] | str | None) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` chosen by ``params``.
+
+    ``None``: the weights of all decoder-block linears. Otherwise each pattern is a parameter
+    name (or its suffix, e.g. ``embed_tokens.weight``), ``re:<regex>`` on parameter names, or a
+    linear-layer pattern (role ``q``/``down``/..., class name, module-name suffix) selecting
+    that layer's weight. A pattern that matches nothing is an error.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        return {n: named[n] for n in default_parameters(model)}
+    if isinstance(params, str):
+        params = [params]
+    modules = dict(model.named_modules())
+    chosen: dict[str, nn.Parameter] = {}
+    for pattern in params:
+        hits = []
+        for name in named:
+            owner_name = name.rpartition(".")[0]
+            if _matches(name, owner_name, modules.get(owner_name), pattern):
+                hits.append(name)
+        if not hits:
+            roles = sorted({r for n in modules if (r := linear_role(n))})
+            raise ValueError(
+                f"parameter pattern {pattern!r} matches no parameter of this model; use a "
+                f"parameter name, 're:<regex>', or a role of {roles or list(ROLES)}; "
+                f"names look like {list(named)[:3]}"
+            )
+        chosen.update({n: named[n] for n in hits})
+    return chosen
