@@ -5,6 +5,9 @@ hf-sparse run recipes/quickstart.yaml [--output-dir DIR] [--overwrite]
 hf-sparse prune MODEL --method sparsegpt --sparsity 0.5 [--mask 2:4] --output-dir DIR
 hf-sparse eval MODEL [--dataset wikitext2] [--num-windows 32]
 hf-sparse push FOLDER --repo-id NAMESPACE/NAME
+hf-sparse mask golden MODEL --top-k-percent 5 --num-samples 16 --output-dir DIR
+hf-sparse mask reverse MODEL --target-percent 1 --strategy momentum --output-dir DIR
+hf-sparse mask score MODEL --metric fisher --top-k-percent 1 --scope global --output-dir DIR
 """
 
 from __future__ import annotations
@@ -43,10 +46,107 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_mask_summary(summary: dict, output_dir) -> None:
+    lines = [
+        f"job:       {summary['job']}",
+        f"kept:      {summary['kept']:,} entries ({100 * summary['density']:.4f}%)",
+        f"time:      {summary['seconds']:.1f} s",
+    ]
+    if summary.get("kl") is not None:
+        lines.append(f"KL(original || masked removed): {summary['kl']:.5f}")
+    if output_dir is not None:
+        lines.append(f"saved to:  {output_dir}")
+    print("\n".join(lines))
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    from .mask_pipeline import MaskDataConfig, parse_mask_job, run_mask_job
+    from .pipeline import load_model_and_tokenizer
+
+    settings = {
+        key: value
+        for key, value in vars(args).items()
+        if key in _MASK_JOB_FLAGS[args.job] and value is not None
+    }
+    job = parse_mask_job({args.job: settings}, where="command line")
+    data = MaskDataConfig(
+        dataset=args.dataset,
+        format=args.format,
+        num_samples=args.num_samples,
+        eval_samples=args.eval_samples,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    from .io import check_output_dir
+
+    check_output_dir(args.output_dir, args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    _, summary = run_mask_job(model, tokenizer, job, data, args.output_dir, args.overwrite)
+    _print_mask_summary(summary, args.output_dir)
+    return 0
+
+
+# Command-line flags that become settings of each mask job (the rest are data / output flags).
+_MASK_JOB_FLAGS = {
+    "score": {"metric", "top_k_percent", "scope", "params"},
+    "golden": {"metric", "top_k_percent", "scope", "params", "last_blocks_percent"},
+    "reverse": {
+        "metric",
+        "target_percent",
+        "strategy",
+        "rounds",
+        "patience",
+        "params",
+        "last_blocks_percent",
+    },
+}
+
+
+def _add_mask_parser(sub) -> None:
+    from .importance import FLUCTUATION_STRATEGIES, IMPORTANCE_METRICS
+    from .masked import RANKING_SCOPES
+
+    mask = sub.add_parser("mask", help="score parameters or search golden masks; save the masks")
+    jobs = mask.add_subparsers(dest="job", required=True)
+    for job, help_text in (
+        ("score", "top-k of one importance metric"),
+        ("golden", "intersection of per-sample top-k masks"),
+        ("reverse", "mask whose removal changes the output distribution most (KL)"),
+    ):
+        p = jobs.add_parser(job, help=help_text)
+        p.add_argument("model", help="known name (smollm2-135m), local folder or Hub id")
+        p.add_argument("--metric", choices=sorted(IMPORTANCE_METRICS), default=None)
+        p.add_argument("--params", nargs="+", default=None, help="parameter patterns to score")
+        if job == "reverse":
+            p.add_argument("--target-percent", type=float, default=None)
+            p.add_argument("--strategy", choices=sorted(FLUCTUATION_STRATEGIES), default=None)
+            p.add_argument("--rounds", type=int, default=None)
+            p.add_argument("--patience", type=int, default=None)
+        else:
+            p.add_argument("--top-k-percent", type=float, default=None)
+            p.add_argument("--scope", choices=list(RANKING_SCOPES), default=None)
+        if job != "score":
+            p.add_argument("--last-blocks-percent", type=float, default=None)
+        p.add_argument("--dataset", default="alpaca", help="named set or local file")
+        p.add_argument("--format", choices=["auto", "instruction", "text"], default="auto")
+        p.add_argument("--num-samples", type=int, default=16)
+        p.add_argument("--eval-samples", type=int, default=8)
+        p.add_argument("--max-length", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--output-dir", required=True)
+        p.add_argument("--overwrite", action="store_true")
+        p.set_defaults(func=cmd_mask)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import oneshot
-    from .recipes import load_recipe
+    from .recipes import load_recipe, read_recipe_file
 
+    data = read_recipe_file(args.recipe)
+    if "finetune" in data:
+        return _run_sft_recipe(data, args)
+    if "mask" in data:
+        return _run_mask_recipe(data, args)
     recipe = load_recipe(args.recipe)
     if args.model:
         recipe.model = args.model
@@ -54,6 +154,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe.output_dir = args.output_dir
     result = oneshot(None, recipe, overwrite=args.overwrite)
     _print_metrics(result)
+    return 0
+
+
+def _run_mask_recipe(data: dict, args: argparse.Namespace) -> int:
+    from .mask_pipeline import mask_recipe_from_dict, run_mask_recipe
+
+    recipe = mask_recipe_from_dict(data, where=str(args.recipe))
+    if args.model:
+        recipe.model = args.model
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    summary = run_mask_recipe(recipe, overwrite=args.overwrite)
+    _print_mask_summary(summary, recipe.output_dir)
+    return 0
+
+
+def _run_sft_recipe(data: dict, args: argparse.Namespace) -> int:
+    from .sft import run_sft_recipe, sft_recipe_from_dict
+
+    recipe = sft_recipe_from_dict(data, where=str(args.recipe))
+    if args.model:
+        recipe.model = args.model
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    results = run_sft_recipe(recipe, overwrite=args.overwrite, recipe_dict=data)
+    print(
+        f"held-out loss: {results['eval_loss_before']:.4f} -> {results['eval_loss_after']:.4f}\n"
+        f"trainable parameters: {results['trainable_parameters']:,}"
+        + (f"\nsaved to: {recipe.output_dir}" if recipe.output_dir else "")
+    )
     return 0
 
 
@@ -176,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None)
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_push)
+
+    _add_mask_parser(sub)
     return parser
 
 

@@ -117,3 +117,28 @@ def card_metadata(card_text: str) -> dict[str, Any]:
     if not card_text.startswith("---\n"):
         return {}
     return yaml.safe_load(card_text.split("---\n", 2)[1]) or {}
+
+
+def render_adapter_card(
+    results: dict[str, Any],
+    recipe: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    repo_id: str = "<your-namespace>/<adapter-name>",
+) -> str:
+    """Markdown card of a masked-LR (sparse-delta) adapter from an SFT run's results."""
+    mask = results.get("mask") or {}
+    finetune = results.get("finetune_config") or {}
+    density = mask.get("density")
+    return load_template("masked_lr_adapter.md").safe_substitute(
+        base_model=base_model or "unknown",
+        title=f"{Path(str(base_model or 'model')).name}: sparse-delta adapter (hf_sparse)",
+        mask_job=mask.get("job") or "a mask file",
+        trainable=f"{results.get('trainable_parameters', 0):,}",
+        density=f"{100 * density:.3f}%" if isinstance(density, float) else "see masks",
+        loss_before=_fmt(results.get("eval_loss_before"), ".4f"),
+        loss_after=_fmt(results.get("eval_loss_after"), ".4f"),
+        steps=finetune.get("max_steps", "?"),
+        train_seconds=_fmt(results.get("train_seconds"), ".0f"),
+        recipe=yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(none)",
+        repo_id=repo_id,
+    )

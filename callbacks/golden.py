@@ -1,0 +1,130 @@
+"""Find golden parameters when training starts and train them at their own learning rate.
+
+Lifecycle:
+  on_train_begin     masks: from the checkpoint being resumed, else ``masks_file``, else golden
+                     masks computed from the first batches of the train dataloader; they go
+                     to the ``MaskedAdamW`` optimizer (``GoldenParamsTrainer`` makes one), so
+                     masked entries learn at ``inside_lr_scale * lr`` and the rest at
+                     ``outside_lr_scale * lr``
+                     (tensors without a mask are frozen unless ``freeze_unmasked=False``)
+  on_save            write the packed masks next to the checkpoint, so a resumed run reuses them
+
+Example::
+
+    trainer = GoldenParamsTrainer(model=model, args=args, train_dataset=ds,
+                                  callbacks=[GoldenMaskCallback(top_k_percent=5)])
+    trainer.train()
+
+For a masked-LR PEFT adapter (``MaskedLRConfig``) the masks are part of the adapter's
+structure and must exist before the model is wrapped: compute them first with
+``hf_sparse.importance.golden_masks`` or ``hf-sparse mask golden``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hf_sparse.importance import golden_masks
+from transformers import TrainerCallback
+
+from hf_sparse.masked import ParameterMasks, check_percent
+from hf_sparse.trainers import freeze_parameters_without_masks, set_optimizer_masks
+
+logger = logging.getLogger(__name__)
+
+GOLDEN_MASKS_FILE = "golden_masks.safetensors"  # saved in each checkpoint folder
+
+
+def _examples_from_batches(dataloader, num_samples: int) -> list[dict[str, torch.Tensor]]:
+    """Per-sample ``input_ids``/``labels`` from collated batches, padding removed."""
+    if dataloader is None:
+        raise ValueError("no masks_file and no train dataloader to compute golden masks from")
+    examples = []
+    for batch in dataloader:
+        ids = batch["input_ids"].cpu()
+        labels = batch.get("labels")
+        attention = batch.get("attention_mask")
+        for row in range(ids.shape[0]):
+            keep = attention[row].cpu().bool() if attention is not None else slice(None)
+            example = {"input_ids": ids[row][keep]}
+            if labels is not None:
+                example["labels"] = labels[row].cpu()[keep]
+            examples.append(example)
+            if len(examples) >= num_samples:
+                return examples
+    if not examples:
+        raise ValueError("the train dataloader is empty: no samples for golden masks")
+    return examples
+
+
+class GoldenMaskCallback(TrainerCallback):
+    def __init__(
+        self,
+        masks_file: str | os.PathLike | None = None,
+        top_k_percent: float = 5.0,
+        num_samples: int = 8,
+        inside_lr_scale: float = 1.0,
+        outside_lr_scale: float = 0.0,
+        freeze_unmasked: bool = True,
+        **golden_options: Any,
+    ) -> None:
+        if masks_file is not None and not Path(masks_file).is_file():
+            raise FileNotFoundError(f"masks_file {masks_file} does not exist")
+        check_percent(top_k_percent, "top_k_percent")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if inside_lr_scale <= 0 or outside_lr_scale < 0:
+            raise ValueError(
+                f"inside_lr_scale must be > 0 and outside_lr_scale >= 0, got "
+                f"{inside_lr_scale} and {outside_lr_scale}"
+            )
+        self.masks_file = masks_file
+        self.top_k_percent = top_k_percent
+        self.num_samples = num_samples
+        self.inside_lr_scale = inside_lr_scale
+        self.outside_lr_scale = outside_lr_scale
+        self.freeze_unmasked = freeze_unmasked
+        self.golden_options = golden_options
+        self.masks: ParameterMasks | None = None
+
+    def _find_masks(self, args, state, model, train_dataloader) -> ParameterMasks:
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.global_step > 0 and (checkpoint / GOLDEN_MASKS_FILE).is_file():
+            logger.info("resuming with the golden masks saved in %s", checkpoint)
+            return ParameterMasks.load(checkpoint / GOLDEN_MASKS_FILE)
+        if self.masks_file is not None:
+            return ParameterMasks.load(self.masks_file)
+        examples = _examples_from_batches(train_dataloader, self.num_samples)
+        result = golden_masks(
+            model,
+            examples,
+            None,
+            self.top_k_percent,
+            num_samples=len(examples),
+            show_progress=state.is_local_process_zero,
+            **self.golden_options,
+        )
+        return result.masks
+
+    def on_train_begin(
+        self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs
+    ):
+        if self.masks is None:
+            self.masks = self._find_masks(args, state, model, train_dataloader)
+            self.masks.check_against(model)
+            logger.info("golden masks: %s", self.masks)
+        if self.freeze_unmasked:
+            freeze_parameters_without_masks(model, self.masks)
+        set_optimizer_masks(
+            optimizer, model, self.masks, self.inside_lr_scale, self.outside_lr_scale
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.masks is not None and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            self.masks.save(checkpoint / GOLDEN_MASKS_FILE)
