@@ -85,14 +85,17 @@ def adaptive_sinusoidal(state, round_index, last_kl, best_kl):
 
 @register_strategy("momentum")
 def momentum(state, round_index, last_kl, best_kl, beta: float = 0.6):
-    """Keep moving in the direction that last raised the KL; reverse and damp when it fell."""
+    """Keep moving in the direction that raised the KL last round; reverse (and halve the
+    speed) when the last move lowered it."""
     step = state.half_width * 0.5
     velocity = state.velocity or step
-    if last_kl is not None and not _improved(last_kl, best_kl):
+    previous = state.extra.get("previous_kl")
+    if last_kl is not None and previous is not None and last_kl < previous:
         velocity = -velocity * 0.5
     velocity = beta * velocity + (1 - beta) * math.copysign(step, velocity)
     percent = state.clip((state.percent or state.center) + velocity)
-    return percent, replace(state, percent=percent, velocity=velocity)
+    extra = {**state.extra, "previous_kl": last_kl}
+    return percent, replace(state, percent=percent, velocity=velocity, extra=extra)
 
 
 @register_strategy("exploration_decay")

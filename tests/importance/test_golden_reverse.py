@@ -1,0 +1,205 @@
+"""Golden masks, the reverse golden search and its fluctuation strategies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model, make_token_windows
+
+from hf_sparse.importance import (
+    FLUCTUATION_STRATEGIES,
+    compute_importance,
+    golden_masks,
+    initial_state,
+    reverse_golden_masks,
+)
+from hf_sparse.importance.reverse import KLProbe
+from hf_sparse.importance.samples import as_samples
+from hf_sparse.masked import ParameterMasks, count_for, top_k
+from hf_sparse.models import parameter_layouts
+
+
+def examples(n: int = 10, length: int = 12):
+    return [{"input_ids": row} for row in make_token_windows(n=n, length=length, seed=2)]
+
+
+def test_golden_is_the_intersection_of_per_sample_top_k():
+    model = build_tiny_model("llama")
+    data = examples()
+    result = golden_masks(model, data, None, 30, num_samples=4, show_progress=False)
+    expected = None
+    for example in data[:4]:
+        scores = compute_importance(model, [example], "gradient", show_progress=False)
+        masks = top_k(scores, 30, "tensor", parameter_layouts(model))
+        expected = masks if expected is None else expected & masks
+    assert result.masks == expected
+    assert result.samples_used == 4
+    assert 0 < result.masks.density() < 0.3
+    assert sum(r["kept"] for r in result.per_tensor) == result.masks.count()
+
+
+def test_golden_last_blocks_and_prompt_fn():
+    model = build_tiny_model("llama")
+    texts = ["a", "b", "c"]
+    windows = make_token_windows(n=3, length=9, seed=4)
+    prompt = dict(zip(texts, windows, strict=True))
+    result = golden_masks(
+        model,
+        texts,
+        lambda t: {"input_ids": prompt[t], "labels": prompt[t]},
+        20,
+        num_samples=3,
+        last_blocks_percent=50,
+        show_progress=False,
+    )
+    assert result.masks and all(n.startswith("model.layers.1.") for n in result.masks)
+
+
+def test_golden_bad_input():
+    model = build_tiny_model("llama")
+    data = examples()
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match=r"top_k_percent must be in \(0, 100\]"):
+            golden_masks(model, data, None, bad)
+    with pytest.raises(ValueError, match="empty"):
+        golden_masks(model, [], None, 5)
+    with pytest.raises(ValueError, match="example 1.*same length"):
+        golden_masks(
+            model,
+            [0, 1],
+            lambda i: {"input_ids": [1, 2, 3], "labels": [1, 2, 3][: 3 - i]},
+            5,
+            num_samples=2,
+        )
+    with pytest.raises(ValueError, match="per-sample metric"):
+        golden_masks(model, data, None, 5, metric="magnitude")
+    with pytest.raises(ValueError, match="num_samples"):
+        golden_masks(model, data, None, 5, num_samples=0)
+
+
+def test_reverse_search_beats_random_and_restores_weights(tmp_path):
+    model = build_tiny_model("llama")
+    data = examples(12)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = reverse_golden_masks(
+        model, data, None, 5.0, num_samples=6, eval_samples=4, rounds=6, show_progress=False
+    )
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    total = result.masks.numel()
+    assert result.masks.count() == count_for(5.0, total)
+    assert result.kl == max(h["kl"] for h in result.history) > 0
+
+    held_out = as_samples(data[6:10])
+    params = dict(model.named_parameters())
+    probe = KLProbe(model, {n: params[n] for n in result.masks}, held_out, chunk_size=4)
+    assert probe.kl_with_zeroed(dict(result.masks)) == pytest.approx(result.kl, rel=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    random_kls = []
+    for _ in range(3):
+        flat = torch.zeros(total, dtype=torch.bool)
+        flat[torch.randperm(total, generator=generator)[: result.masks.count()]] = True
+        masks, start = {}, 0
+        for name, mask in result.masks.items():
+            masks[name] = flat[start : start + mask.numel()].reshape(mask.shape)
+            start += mask.numel()
+        random_kls.append(probe.kl_with_zeroed(masks))
+    assert result.kl > max(random_kls)
+
+    result.save(tmp_path / "rev")
+    assert ParameterMasks.load(tmp_path / "rev" / "masks.safetensors") == result.masks
+    summary = json.loads((tmp_path / "rev" / "summary.json").read_text())
+    assert summary["kl"] == result.kl and len(summary["history"]) == len(result.history)
+    with pytest.raises(FileExistsError):
+        result.save(tmp_path / "rev")
+
+
+def test_reverse_search_stops_early_on_stagnation():
+    model = build_tiny_model("llama")
+    result = reverse_golden_masks(
+        model,
+        examples(12),
+        None,
+        5.0,
+        num_samples=4,
+        rounds=30,
+        patience=2,
+        strategy="chaos",
+        show_progress=False,
+    )
+    assert len(result.history) < 30
+    last = result.history[-3:]
+    assert all(h["kl"] <= last[0]["best_kl"] for h in last[1:])
+
+
+def test_reverse_bad_input():
+    model = build_tiny_model("llama")
+    with pytest.raises(ValueError, match="valid strategies"):
+        reverse_golden_masks(model, examples(), None, 1.0, strategy="random_walk")
+    with pytest.raises(ValueError, match="held-out"):
+        reverse_golden_masks(model, examples(4), None, 1.0, num_samples=4)
+    with pytest.raises(ValueError, match=r"target_percent must be in \(0, 100\]"):
+        reverse_golden_masks(model, examples(), None, 0.0)
+    with pytest.raises(ValueError, match="scope"):
+        reverse_golden_masks(model, examples(), None, 1.0, scope="head")
+
+
+def run(strategy: str, rounds: int = 12, kl_fn=None, seed: int = 0):
+    state = initial_state(2.0, expansion=4.0, seed=seed)
+    step = FLUCTUATION_STRATEGIES[strategy]
+    percents, last, best = [], None, None
+    for r in range(rounds):
+        percent, state = step(state, r, last, best)
+        percents.append(percent)
+        last = kl_fn(percent) if kl_fn else 1.0
+        best = last if best is None else max(best, last)
+    return percents, state
+
+
+@pytest.mark.parametrize("strategy", sorted(FLUCTUATION_STRATEGIES))
+def test_strategies_are_bounded_and_deterministic(strategy):
+    percents, state = run(strategy, 40, kl_fn=lambda p: -abs(p - 5.0))
+    assert all(state.low <= p <= state.high for p in percents)
+    assert (state.low, state.high) == (2.0, 8.0)
+    assert run(strategy, 40, kl_fn=lambda p: -abs(p - 5.0))[0] == percents
+
+
+def test_sinusoidal_oscillates_and_narrows_after_misses():
+    percents, state = run("adaptive_sinusoidal", 16, kl_fn=lambda p: -p * 0 - len(str(p)))
+    offsets = [p - state.center for p in percents]
+    assert any(a > 0 > b or a < 0 < b for a, b in zip(offsets, offsets[1:], strict=False))
+    always_worse = iter(range(100, 0, -1))
+    percents, _ = run("adaptive_sinusoidal", 16, kl_fn=lambda p: next(always_worse))
+    spread = [abs(p - state.center) for p in percents]
+    assert max(spread[-4:]) < max(spread[:4])
+
+
+def test_momentum_keeps_the_improving_direction():
+    percents, _ = run("momentum", 6, kl_fn=lambda p: p)  # KL grows with p: keep going up
+    assert all(b >= a for a, b in zip(percents, percents[1:], strict=False))
+    percents, state = run("momentum", 10, kl_fn=lambda p: -p)  # reverses toward low p
+    assert min(percents) < state.center
+
+
+def test_exploration_decay_settles():
+    percents, state = run("exploration_decay", 30)
+    early = max(abs(p - state.center) for p in percents[:5])
+    late = max(abs(p - state.center) for p in percents[-5:])
+    assert late < 0.1 * state.half_width < early
+
+
+def test_harmonic_oscillator_swings_back_with_decaying_amplitude():
+    percents, state = run("harmonic_oscillator", 30)
+    assert percents[0] == state.high
+    offsets = [p - state.center for p in percents]
+    assert min(offsets) < 0  # crossed the centre
+    assert max(abs(o) for o in offsets[-5:]) < 0.3 * state.half_width
+
+
+def test_chaos_is_aperiodic_but_seeded():
+    a, _ = run("chaos", 25, seed=0)
+    b, _ = run("chaos", 25, seed=1)
+    assert len({round(p, 9) for p in a}) > 20  # no short cycle
+    assert a != b
