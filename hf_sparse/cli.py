@@ -147,11 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_sft_recipe(data, args)
     if "mask" in data:
         return _run_mask_recipe(data, args)
-    recipe = load_recipe(args.recipe)
-    if args.model:
-        recipe.model = args.model
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
+    recipe = _with_overrides(load_recipe(args.recipe), args)
     result = oneshot(None, recipe, overwrite=args.overwrite)
     _print_metrics(result)
     return 0
@@ -160,11 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_mask_recipe(data: dict, args: argparse.Namespace) -> int:
     from .mask_pipeline import mask_recipe_from_dict, run_mask_recipe
 
-    recipe = mask_recipe_from_dict(data, where=str(args.recipe))
-    if args.model:
-        recipe.model = args.model
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
+    recipe = _with_overrides(mask_recipe_from_dict(data, where=str(args.recipe)), args)
     summary = run_mask_recipe(recipe, overwrite=args.overwrite)
     _print_mask_summary(summary, recipe.output_dir)
     return 0
@@ -173,11 +165,7 @@ def _run_mask_recipe(data: dict, args: argparse.Namespace) -> int:
 def _run_sft_recipe(data: dict, args: argparse.Namespace) -> int:
     from .sft import run_sft_recipe, sft_recipe_from_dict
 
-    recipe = sft_recipe_from_dict(data, where=str(args.recipe))
-    if args.model:
-        recipe.model = args.model
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
+    recipe = _with_overrides(sft_recipe_from_dict(data, where=str(args.recipe)), args)
     results = run_sft_recipe(recipe, overwrite=args.overwrite, recipe_dict=data)
     print(
         f"held-out loss: {results['eval_loss_before']:.4f} -> {results['eval_loss_after']:.4f}\n"
@@ -185,6 +173,15 @@ def _run_sft_recipe(data: dict, args: argparse.Namespace) -> int:
         + (f"\nsaved to: {recipe.output_dir}" if recipe.output_dir else "")
     )
     return 0
+
+
+def _with_overrides(recipe, args: argparse.Namespace):
+    """``--model`` / ``--output-dir`` of ``hf-sparse run`` replace the recipe's."""
+    if args.model:
+        recipe.model = args.model
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    return recipe
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

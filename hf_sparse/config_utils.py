@@ -38,3 +38,20 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def check_positive_ints(config: Any, names: tuple[str, ...], prefix: str) -> None:
+    """Raise naming ``prefix.name`` when one of ``names`` is not a positive integer."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{prefix}.{name} must be a positive integer, got {value!r}")
+
+
+def check_keys(values: dict[str, Any], valid: tuple[str, ...], where: str, kind: str) -> None:
+    """Refuse top-level recipe keys outside ``valid``, listing the valid ones."""
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in {where}; valid keys of a {kind}: {list(valid)}"
+        )

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from .config_utils import from_dict, help_field, to_dict
+from .config_utils import check_keys, check_positive_ints, from_dict, help_field, to_dict
 from .data import load_records, load_text, random_windows, tokenize
 from .importance import (
     compute_importance,
@@ -64,10 +64,7 @@ class MaskDataConfig:
             raise ValueError(
                 f"data.format must be one of {list(DATA_FORMATS)}, got {self.format!r}"
             )
-        for name in ("num_samples", "eval_samples", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("num_samples", "eval_samples", "max_length"), "data")
 
 
 @dataclass
@@ -202,12 +199,7 @@ MASK_RECIPE_KEYS = ("model", "data", "mask", "output_dir")
 
 
 def mask_recipe_from_dict(values: dict[str, Any], where: str = "recipe") -> MaskRecipe:
-    unknown = sorted(set(values) - set(MASK_RECIPE_KEYS))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in {where}; valid keys of a mask recipe: "
-            f"{list(MASK_RECIPE_KEYS)}"
-        )
+    check_keys(values, MASK_RECIPE_KEYS, where, "mask recipe")
     return MaskRecipe(
         model=str(values.get("model") or ""),
         data=from_dict(MaskDataConfig, values.get("data"), f"{where}.data"),
@@ -216,14 +208,19 @@ def mask_recipe_from_dict(values: dict[str, Any], where: str = "recipe") -> Mask
     )
 
 
-def run_mask_recipe(recipe: MaskRecipe, overwrite: bool = False) -> dict[str, Any]:
+def load_recipe_model(model: str, output_dir: str | None, overwrite: bool):
+    """Model and tokenizer of a recipe, after checking the output folder (before any work)."""
     from .pipeline import load_model_and_tokenizer
 
-    if not recipe.model:
+    if not model:
         raise ValueError("no model: set `model:` in the recipe or pass --model")
-    if recipe.output_dir is not None:
-        check_output_dir(recipe.output_dir, overwrite)
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    return load_model_and_tokenizer(model)
+
+
+def run_mask_recipe(recipe: MaskRecipe, overwrite: bool = False) -> dict[str, Any]:
+    model, tokenizer = load_recipe_model(recipe.model, recipe.output_dir, overwrite)
     _, summary = run_mask_job(
         model, tokenizer, recipe.mask, recipe.data, recipe.output_dir, overwrite
     )

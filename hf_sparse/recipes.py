@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .config_utils import from_dict, help_field, to_dict
+from .config_utils import check_positive_ints, from_dict, help_field, to_dict
 from .pruning.config import PruningConfig, pruning_config_from_dict
 
 
@@ -37,10 +37,7 @@ class CalibrationConfig:
     text_field: str = help_field("Column holding the text in jsonl/parquet data.", "text")
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "sequence_length", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"calibration.{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("num_samples", "sequence_length", "batch_size"), "calibration")
 
 
 @dataclass

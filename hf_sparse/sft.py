@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config_utils import from_dict, help_field, to_dict
+from .config_utils import check_keys, check_positive_ints, from_dict, help_field, to_dict
 from .data import load_records
 from .hub import render_adapter_card
 from .importance import instruction_prompt_fn
-from .io import atomic_output_dir, check_output_dir, write_json_atomic
+from .io import atomic_output_dir, write_json_atomic
 from .masked import ParameterMasks
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,8 @@ class FinetuneConfig:
                 "finetune.inside_lr_scale must be > 0 and outside_lr_scale >= 0, got "
                 f"{self.inside_lr_scale} and {self.outside_lr_scale}"
             )
-        for name in ("max_steps", "batch_size", "train_samples", "eval_samples", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"finetune.{name} must be a positive integer, got {value!r}")
+        counts = ("max_steps", "batch_size", "train_samples", "eval_samples", "max_length")
+        check_positive_ints(self, counts, "finetune")
 
 
 def instruction_splits(
@@ -237,12 +235,7 @@ SFT_RECIPE_KEYS = ("model", "data", "mask", "masks_file", "finetune", "output_di
 def sft_recipe_from_dict(values: dict[str, Any], where: str = "recipe") -> SFTRecipe:
     from .mask_pipeline import MaskDataConfig, parse_mask_job
 
-    unknown = sorted(set(values) - set(SFT_RECIPE_KEYS))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in {where}; valid keys of a fine-tuning recipe: "
-            f"{list(SFT_RECIPE_KEYS)}"
-        )
+    check_keys(values, SFT_RECIPE_KEYS, where, "fine-tuning recipe")
     has_mask, has_file = values.get("mask") is not None, values.get("masks_file") is not None
     if has_mask == has_file:
         raise ValueError(f"{where}: give exactly one of 'mask' (a mask job) or 'masks_file'")
@@ -262,14 +255,9 @@ def run_sft_recipe(
     recipe: SFTRecipe, overwrite: bool = False, recipe_dict: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Mask job (or mask file), then fine-tuning; saves adapter/model, masks and results."""
-    from .mask_pipeline import run_mask_job
-    from .pipeline import load_model_and_tokenizer
+    from .mask_pipeline import load_recipe_model, run_mask_job
 
-    if not recipe.model:
-        raise ValueError("no model: set `model:` in the recipe or pass --model")
-    if recipe.output_dir is not None:
-        check_output_dir(recipe.output_dir, overwrite)
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    model, tokenizer = load_recipe_model(recipe.model, recipe.output_dir, overwrite)
     if recipe.mask is not None:
         masks, mask_summary = run_mask_job(model, tokenizer, recipe.mask, recipe.data)
     else:
