@@ -7,6 +7,8 @@ own shard (``shard_for_rank``), and statistics are all-reduced inside ``prune_``
 writes to OUT_DIR:
 
   sparsegpt.safetensors / wanda.safetensors   pruned state_dict + ``mask.<linear>`` tensors
+  importance.safetensors                      all-reduced importance scores
+                                              (``<metric>.<parameter>``)
   stats.safetensors                           all-reduced block-0 statistics
                                               (``xtx.<linear>``, ``sq_norms.<linear>``,
                                               ``tokens.<linear>``)
@@ -31,10 +33,12 @@ from hf_sparse.calibration import (
     run_sequential,
 )
 from hf_sparse.data import shard_for_rank
+from hf_sparse.importance import compute_importance
 from hf_sparse.models import target_linears
 from hf_sparse.pruning import SparseGPTConfig, WandaConfig, prune_
 
 N_WINDOWS, SEQ_LEN, BATCH_SIZE = 8, 32, 2
+IMPORTANCE_METRICS = ("gradient", "fisher", "hutchinson", "obs")
 CONFIGS = {"sparsegpt": SparseGPTConfig(sparsity=0.5), "wanda": WandaConfig(sparsity=0.5)}
 
 
@@ -53,6 +57,16 @@ def prune_state(name: str, calibration: torch.Tensor) -> dict[str, torch.Tensor]
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     state.update({f"mask.{k}": v.contiguous() for k, v in result.masks.items()})
     return state
+
+
+def importance_scores(calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores of each metric in ``IMPORTANCE_METRICS`` on the up/down projections."""
+    model = build_model()
+    out = {}
+    for metric in IMPORTANCE_METRICS:
+        scores = compute_importance(model, calibration, metric, ["up", "down"], False)
+        out.update({f"{metric}.{name}": score.contiguous() for name, score in scores.items()})
+    return out
 
 
 def block0_stats(calibration: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,12 +106,14 @@ def main(out_dir: str) -> None:
 
     results = {name: prune_state(name, shard) for name in CONFIGS}
     stats = block0_stats(shard)
+    scores = importance_scores(shard)
     if rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, state in results.items():
             save_file(state, str(out / f"{name}.safetensors"))
         save_file(stats, str(out / "stats.safetensors"))
+        save_file(scores, str(out / "importance.safetensors"))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group
 

@@ -50,6 +50,7 @@ def single_process() -> dict[str, dict[str, torch.Tensor]]:
     windows = script.calibration_set()
     results = {name: script.prune_state(name, windows) for name in script.CONFIGS}
     results["stats"] = script.block0_stats(windows)
+    results["importance"] = script.importance_scores(windows)
     return results
 
 
@@ -89,6 +90,16 @@ def test_all_reduced_statistics_match_one_process(two_process_run, single_proces
             # rtol alone is too strict where entries nearly cancel: atol scales with the tensor
             atol = 1e-6 * float(value.abs().max())
             torch.testing.assert_close(distributed[key], value, rtol=1e-5, atol=atol, msg=key)
+
+
+def test_importance_scores_all_reduce_to_the_single_process_scores(two_process_run, single_process):
+    distributed = load_file(str(two_process_run / "importance.safetensors"))
+    expected = single_process["importance"]
+    assert distributed.keys() == expected.keys()
+    assert {k.split(".")[0] for k in expected} == set(script.IMPORTANCE_METRICS)
+    for key, value in expected.items():
+        atol = 1e-5 * float(value.abs().max())
+        torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=atol, msg=key)
 
 
 def test_world_size_without_process_group_fails_clearly(monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -149,11 +150,14 @@ def fisher(model, samples, params, show_progress=True) -> Scores:
 def hutchinson(model, samples, params, show_progress=True, probes: int = 4, seed: int = 0):
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive integer, got {probes!r}")
-    generator = torch.Generator().manual_seed(seed)
     total = _zeros(params)
     tensors = list(params.values())
     with _grad_only_for(model, params):
         for sample in tqdm(samples, desc="hutchinson", disable=not show_progress):
+            # Probes seeded by the sample's tokens: the same sample gets the same probes on
+            # whichever rank (and in whichever order) it is processed.
+            tokens = sample["input_ids"].reshape(-1).cpu().numpy().tobytes()
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(tokens))
             grads = torch.autograd.grad(_loss(model, sample), tensors, create_graph=True)
             for probe in range(probes):
                 z = [
