@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.attention
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -152,7 +153,9 @@ def hutchinson(model, samples, params, show_progress=True, probes: int = 4, seed
         raise ValueError(f"probes must be a positive integer, got {probes!r}")
     total = _zeros(params)
     tensors = list(params.values())
-    with _grad_only_for(model, params):
+    # Fused SDPA kernels have no double backward; the math kernel does (same results).
+    math_attention = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+    with _grad_only_for(model, params), math_attention:
         for sample in tqdm(samples, desc="hutchinson", disable=not show_progress):
             # Probes seeded by the sample's tokens: the same sample gets the same probes on
             # whichever rank (and in whichever order) it is processed.

@@ -172,3 +172,13 @@ def test_bad_input_is_refused_with_the_fix():
         compute_importance(model, windows(), "wanda", ["model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="same length"):
         compute_importance(model, [{"input_ids": [1, 2, 3], "labels": [1, 2]}], "gradient")
+
+
+def test_hutchinson_runs_on_sdpa_attention():
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
+    scores = compute_importance(model.eval(), windows(n=1), "hutchinson", ["q"], False, probes=1)
+    assert all(torch.isfinite(s).all() for s in scores.values())
