@@ -3,7 +3,13 @@ reverse golden KL search with fluctuation strategies."""
 
 from .fluctuation import FLUCTUATION_STRATEGIES, FluctuationState, initial_state
 from .golden import GoldenResult, golden_masks
-from .metrics import IMPORTANCE_METRICS, check_metric_options, compute_importance, register_metric
+from .metrics import (
+    IMPORTANCE_METRICS,
+    check_metric_options,
+    compute_importance,
+    per_rank_scores,
+    register_metric,
+)
 from .reverse import ReverseGoldenResult, reverse_golden_masks
 from .samples import as_samples, instruction_prompt_fn, text_prompt_fn
 from .selection import default_parameters, select_parameters
@@ -21,6 +27,7 @@ __all__ = [
     "golden_masks",
     "initial_state",
     "instruction_prompt_fn",
+    "per_rank_scores",
     "register_metric",
     "reverse_golden_masks",
     "select_parameters",

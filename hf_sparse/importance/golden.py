@@ -13,9 +13,10 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..masked import ParameterMasks, check_percent, top_k
+from ..masked import RANKING_SCOPES, ParameterMasks, check_percent, top_k
 from ..models import find_decoder_blocks, parameter_layouts
-from .metrics import IMPORTANCE_METRICS, check_metric_options
+from .distributed import intersect_across_ranks, sum_across_ranks
+from .metrics import IMPORTANCE_METRICS, check_metric_options, per_rank_scores
 from .samples import PromptFn, apply_prompt_fn
 from .selection import select_parameters
 
@@ -86,32 +87,46 @@ def golden_masks(
     ranking scope of each per-sample top-k (``tensor``, ``global``, ``row``, ``head``).
     ``params``: which parameters (default: decoder-block linear weights);
     ``last_blocks_percent``: only those in the last N% of decoder blocks. Only one sample's
-    scores and the running intersection are in memory at a time.
+    scores and the running intersection are in memory at a time. Under ``torch.distributed``
+    each rank scores its own examples (give each rank its shard) and the masks are
+    intersected across ranks: every rank gets the intersection over all samples.
     """
     check_percent(top_k_percent, "top_k_percent")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if scope not in RANKING_SCOPES:
+        raise ValueError(f"scope must be one of {list(RANKING_SCOPES)}, got {scope!r}")
     check_per_sample_metric(metric, metric_options)
     samples = apply_prompt_fn(dataset, prompt_fn, limit=num_samples)
+    if len(samples) < num_samples:
+        logger.warning(
+            "the dataset has %d examples, fewer than num_samples=%d: using all",
+            len(samples),
+            num_samples,
+        )
     selected = prepare_selection(model, params, last_blocks_percent)
     layout = parameter_layouts(model)
     fn = IMPORTANCE_METRICS[metric]
     running: ParameterMasks | None = None
-    for sample in tqdm(samples, desc="golden masks", disable=not show_progress):
-        scores = fn(model, [sample], selected, False, **metric_options)
-        masks = top_k(scores, top_k_percent, scope, layout)
-        running = masks if running is None else running & masks
-        del scores
-    logger.info("golden masks over %d samples: %s", len(samples), running)
+    with per_rank_scores():
+        for sample in tqdm(samples, desc="golden masks", disable=not show_progress):
+            scores = fn(model, [sample], selected, False, **metric_options)
+            masks = top_k(scores, top_k_percent, scope, layout)
+            running = masks if running is None else running & masks
+            del scores
+    device = next(model.parameters()).device
+    running = intersect_across_ranks(running, device)
+    used = int(sum_across_ranks(len(samples), device))
+    logger.info("golden masks over %d samples: %s", used, running)
     return GoldenResult(
         masks=running,
         per_tensor=[r.to_dict() for r in running.report()],
-        samples_used=len(samples),
+        samples_used=used,
         settings={
             "top_k_percent": top_k_percent,
             "metric": metric,
             "scope": scope,
-            "num_samples": len(samples),
+            "num_samples": used,
             "last_blocks_percent": last_blocks_percent,
             **metric_options,
         },

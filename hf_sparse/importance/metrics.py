@@ -2,8 +2,9 @@
 
 Each metric is ``fn(model, samples, params, show_progress, **options) -> {name: float32 scores}``
 with scores in the parameter's stored shape. Gradient metrics run one sample at a time and add
-into float32 buffers, so per-sample gradients of the whole model never coexist; the sums are
-all-reduced over ranks when ``torch.distributed`` is initialised.
+into float32 buffers, so per-sample gradients of the whole model never coexist; the sums (and
+the activation statistics of ``wanda`` / ``obs``) are all-reduced over ranks when
+``torch.distributed`` is initialised, unless inside ``per_rank_scores()``.
 
 - ``magnitude``: ``|w|``.
 - ``gradient``: ``|g|`` of the mean loss over samples (sum of per-sample gradients / n).
@@ -20,6 +21,7 @@ all-reduced over ranks when ``torch.distributed`` is initialised.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import zlib
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 Scores = dict[str, torch.Tensor]
 Metric = Callable[..., Scores]
 IMPORTANCE_METRICS: dict[str, Metric] = {}
+_REDUCE_ACROSS_RANKS = contextvars.ContextVar("reduce_across_ranks", default=True)
 
 
 def register_metric(name: str) -> Callable[[Metric], Metric]:
@@ -50,6 +53,19 @@ def register_metric(name: str) -> Callable[[Metric], Metric]:
         return fn
 
     return decorate
+
+
+@contextlib.contextmanager
+def per_rank_scores() -> Iterator[None]:
+    """Inside, metrics score this rank's samples only (no all-reduce): for callers that score
+    one sample at a time and combine the per-sample results across ranks themselves (golden
+    masks, the reverse search), so ranks need not hold the same number of samples.
+    """
+    token = _REDUCE_ACROSS_RANKS.set(False)
+    try:
+        yield
+    finally:
+        _REDUCE_ACROSS_RANKS.reset(token)
 
 
 @contextlib.contextmanager
@@ -85,7 +101,7 @@ def _loss(model: nn.Module, sample: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _all_reduce(buffers: Scores, count: int) -> int:
     _, world = distributed_world()
-    if world == 1:
+    if world == 1 or not _REDUCE_ACROSS_RANKS.get():
         return count
     for name in sorted(buffers):
         torch.distributed.all_reduce(buffers[name])
@@ -203,13 +219,18 @@ def _input_stats(model, samples, owners, need_xtx: bool, show_progress: bool):
                 model(input_ids=sample["input_ids"].to(device), use_cache=False)
     finally:
         model.train(was_training)
-    all_reduce_stats(collector.stats)
+    if _REDUCE_ACROSS_RANKS.get():
+        all_reduce_stats(collector.stats)
     return collector.stats
 
 
-def _stored_layout(scores: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    """Scores computed on ``[out, in]`` back into the parameter's stored shape (Conv1D: t)."""
-    return scores if scores.shape == param.shape else scores.t().contiguous()
+def _stored_layout(scores: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Scores computed on ``[out, in]`` back into the layout of ``module.weight``.
+
+    ``weight_matrix`` hands back the parameter itself unless the layer stores the transpose
+    (GPT-2 ``Conv1D``); comparing shapes instead would miss square ``Conv1D`` weights.
+    """
+    return scores if weight_matrix(module) is module.weight else scores.t().contiguous()
 
 
 @register_metric("wanda")
@@ -217,13 +238,15 @@ def wanda(model, samples, params, show_progress=True) -> Scores:
     owners = _linear_owners(model, params, "wanda")
     stats = _input_stats(model, samples, owners, need_xtx=False, show_progress=show_progress)
     return {
-        n: _stored_layout(wanda_scores(weight_matrix(m), stats[n].sq_norms), params[n])
+        n: _stored_layout(wanda_scores(weight_matrix(m), stats[n].sq_norms), m)
         for n, m in owners.items()
     }
 
 
 @register_metric("obs")
 def obs(model, samples, params, show_progress=True, damp: float = 0.01) -> Scores:
+    if isinstance(damp, bool) or not isinstance(damp, int | float) or not damp > 0:
+        raise ValueError(f"damp must be a positive number (0.01 = 1% of mean diag H), got {damp!r}")
     owners = _linear_owners(model, params, "obs")
     stats = _input_stats(model, samples, owners, need_xtx=True, show_progress=show_progress)
     inverse_diag: dict[int, torch.Tensor] = {}
@@ -231,11 +254,13 @@ def obs(model, samples, params, show_progress=True, damp: float = 0.01) -> Score
     for name, module in owners.items():
         item = stats[name]
         if id(item) not in inverse_diag:  # q/k/v (gate/up) share one input and one inverse
-            upper = damped_inverse_cholesky(item.hessian, damp)
-            inverse_diag[id(item)] = upper.square().sum(0)  # diag(U^T U) = diag(H^-1)
+            # float64: activation outliers make H ill-conditioned for a float32 inverse.
+            upper = damped_inverse_cholesky(item.hessian.double(), damp)
+            diagonal = upper.square().sum(0)  # diag(U^T U) = diag(H^-1)
+            inverse_diag[id(item)] = diagonal.float()
         weight = weight_matrix(module).detach().float()
         saliency = weight.square() / inverse_diag[id(item)].unsqueeze(0)
-        scores[name] = _stored_layout(saliency, params[name])
+        scores[name] = _stored_layout(saliency, module)
     return scores
 
 

@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_output_dir, write_json_atomic
 from ..masked import ParameterMasks, check_percent, count_for
+from .distributed import all_reduce_, sum_across_ranks
 from .fluctuation import FLUCTUATION_STRATEGIES, initial_state
 from .golden import check_per_sample_metric, prepare_selection
-from .metrics import IMPORTANCE_METRICS
+from .metrics import IMPORTANCE_METRICS, per_rank_scores
 from .samples import PromptFn, apply_prompt_fn
 
 logger = logging.getLogger(__name__)
@@ -88,12 +89,14 @@ class RankSummary:
 
 
 def summarise_ranks(fn, model, samples, selected, scope, options, show_progress) -> RankSummary:
+    """Worst position and summed score of every entry over the samples (of all ranks)."""
     worst, total = {}, {}
     for sample in tqdm(samples, desc="per-sample ranks", disable=not show_progress):
-        scores = {
-            n: s.detach().float().cpu()
-            for n, s in fn(model, [sample], selected, False, **options).items()
-        }
+        with per_rank_scores():
+            scores = {
+                n: s.detach().float().cpu()
+                for n, s in fn(model, [sample], selected, False, **options).items()
+            }
         if scope == "global":
             flat = _positions_from_top(torch.cat([s.reshape(-1) for s in scores.values()]))
             positions, start = {}, 0
@@ -108,6 +111,9 @@ def summarise_ranks(fn, model, samples, selected, scope, options, show_progress)
                 total[name] += s
             else:
                 worst[name], total[name] = positions[name], s.clone()
+    device = next(model.parameters()).device
+    all_reduce_(worst, torch.distributed.ReduceOp.MAX, device)
+    all_reduce_(total, torch.distributed.ReduceOp.SUM, device)
     return RankSummary(worst, total, scope)
 
 
@@ -133,7 +139,9 @@ class KLProbe:
     """KL(original || model with entries zeroed) on fixed held-out samples.
 
     The original log-probabilities are computed once. Zeroing backs up only the masked
-    entries, ``chunk_size`` tensors at a time, and restores them exactly.
+    entries, ``chunk_size`` tensors at a time, and restores them exactly. Under
+    ``torch.distributed`` the KL sums over every rank's held-out samples, so all ranks see the
+    same KL and take the same search decisions.
     """
 
     def __init__(self, model, params, samples, chunk_size: int):
@@ -162,7 +170,8 @@ class KLProbe:
                 log_q = self._log_probs(sample)
                 total += float((log_p.exp() * (log_p - log_q)).sum())
                 count += log_p.shape[0] * log_p.shape[1]
-            return total / count
+            device = next(self.model.parameters()).device
+            return sum_across_ranks(total, device) / sum_across_ranks(count, device)
         finally:
             for name, (mask, values) in backup.items():
                 self.params[name][mask] = values
@@ -196,7 +205,8 @@ def reverse_golden_masks(
     ``eval_samples`` examples of ``dataset``) the held-out samples of the KL. ``strategy``: one
     of ``FLUCTUATION_STRATEGIES``, proposing the per-sample percentage each round within
     ``[target, expansion * target]``. The result has exactly ``round(target_percent% of n)``
-    entries.
+    entries. Under ``torch.distributed`` give each rank its shard of both sets: positions,
+    scores and KLs are combined across ranks, so every rank ends with the same mask.
     """
     check_percent(target_percent, "target_percent")
     check_per_sample_metric(metric, metric_options)
@@ -262,6 +272,7 @@ def reverse_golden_masks(
             logger.info("no gain for %d rounds: stopping early", patience)
             break
     masks = ParameterMasks(best)
+    device = next(model.parameters()).device
     if not math.isfinite(best_kl):
         logger.warning("the best KL is not finite (%s): check the held-out samples", best_kl)
     return ReverseGoldenResult(
@@ -277,8 +288,8 @@ def reverse_golden_masks(
             "rounds": rounds,
             "patience": patience,
             "expansion": expansion,
-            "num_samples": len(samples),
-            "eval_samples": len(held_out),
+            "num_samples": int(sum_across_ranks(len(samples), device)),
+            "eval_samples": int(sum_across_ranks(len(held_out), device)),
             "last_blocks_percent": last_blocks_percent,
             "seed": seed,
             **metric_options,

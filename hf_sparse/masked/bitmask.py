@@ -79,12 +79,9 @@ def save_masks(
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
     tensors, as_indices = {}, []
     for name, mask in masks.items():
-        if _choose_encoding(mask, encoding) == "indices":
-            flat = mask.detach().reshape(-1).cpu()
-            tensors[name] = flat.nonzero().reshape(-1).to(torch.int32)
+        tensors[name] = encode_mask(mask, encoding)
+        if tensors[name].dtype == torch.int32:
             as_indices.append(name)
-        else:
-            tensors[name] = pack_bits(mask)
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     reserved = {_SHAPES_KEY, _ENCODINGS_KEY} & set(header)
     if reserved:
@@ -137,3 +134,23 @@ def load_mask_metadata(path: str | os.PathLike) -> dict[str, str]:
     metadata.pop(_SHAPES_KEY, None)
     metadata.pop(_ENCODINGS_KEY, None)
     return metadata
+
+
+def encode_mask(mask: torch.Tensor, encoding: str = "auto") -> torch.Tensor:
+    """One mask as the smaller of packed bits (``uint8``) and kept positions (``int32``).
+
+    ``decode_mask`` tells the two apart by dtype, so the tensor alone (plus the shape) is
+    enough to restore the mask: used where a mask travels inside another file (adapters).
+    """
+    if encoding not in MASK_ENCODINGS:
+        raise ValueError(f"encoding must be one of {list(MASK_ENCODINGS)}, got {encoding!r}")
+    if _choose_encoding(mask, encoding) == "indices":
+        return mask.detach().reshape(-1).cpu().nonzero().reshape(-1).to(torch.int32)
+    return pack_bits(mask)
+
+
+def decode_mask(stored: torch.Tensor, shape: tuple[int, ...] | torch.Size, name: str = "mask"):
+    """Inverse of ``encode_mask``."""
+    if stored.dtype == torch.int32:
+        return _mask_from_indices(stored, list(shape), name)
+    return unpack_bits(stored, shape)

@@ -1,7 +1,7 @@
 """Masked-learning-rate fine-tuning: a PEFT method (``MASKED_LR``) and ``MaskedAdamW``.
 
 Both give the entries inside a boolean mask one learning-rate scale and the others another
-(0 = frozen). The PEFT method stores and saves only the trained values plus the bit-packed
+(0 = frozen). The PEFT method stores and saves only the trained values plus the packed
 masks; ``MaskedAdamW`` trains the full weights in place with per-element learning rates.
 
 Importing this package registers ``MASKED_LR`` with peft (``import hf_sparse`` does it).

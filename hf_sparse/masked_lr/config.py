@@ -55,7 +55,8 @@ class MaskedLRConfig(PeftConfig):
 
     Loading: ``import hf_sparse`` first. It adds ``MASKED_LR`` to peft's method registry;
     without it ``PeftModel.from_pretrained`` fails with ``KeyError: 'MASKED_LR'``. A saved
-    adapter holds its masks (bit-packed), so ``masks_file`` is not read when loading one.
+    adapter holds its masks (packed bits or int32 positions), so ``masks_file`` is not read
+    when loading one.
 
     Example::
 

@@ -37,7 +37,7 @@ class MaskedLRLayer(BaseTunerLayer):
         self.masked_lr_inside = nn.ParameterDict({})
         self.masked_lr_outside = nn.ParameterDict({})
         # Not persistent: the model's state_dict would hold one byte per entry; the adapter
-        # file gets the masks bit-packed instead (see MaskedLRModel._get_adapter_state_dict).
+        # file gets the masks packed instead (see MaskedLRModel._get_adapter_state_dict).
         self.masked_lr_mask = BufferDict({}, persistent=False)
         self.masked_lr_scales: dict[str, tuple[float, float]] = {}
         # Adapters built while loading a saved adapter, before its masks are read.

@@ -1,4 +1,4 @@
-"""The ``MASKED_LR`` tuner: mask checks before injection, bit-packed masks in the adapter file.
+"""The ``MASKED_LR`` tuner: mask checks before injection, packed masks in the adapter file.
 
 Lifecycle:
     get_masked_lr_model(model, config, masks)  -> masks checked against the targets, then layers
@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..masked.bitmask import load_masks, pack_bits, unpack_bits
+from ..masked.bitmask import decode_mask, encode_mask, load_masks
 from .config import MaskedLRConfig
 from .layer import Linear, MaskedLRLayer
 
@@ -116,14 +116,15 @@ class MaskedLRModel(BaseTuner):
     def _get_adapter_state_dict(
         cls, model, config, adapter_name, state_dict, unwanted_adapter_names
     ):
-        """The values, plus each mask packed at one bit per entry (``<module>.masked_lr_mask``)."""
+        """The values, plus each mask (``<module>.masked_lr_mask``) as packed bits or int32
+        positions of the kept entries, whichever is smaller (``encode_mask``)."""
         to_return = super()._get_adapter_state_dict(
             model, config, adapter_name, state_dict, unwanted_adapter_names
         )
         for name, module in model.named_modules():
             if isinstance(module, MaskedLRLayer) and adapter_name in module.masked_lr_mask:
                 name = name.removeprefix("_fsdp_wrapped_module.")
-                packed = pack_bits(module.masked_lr_mask[adapter_name])
+                packed = encode_mask(module.masked_lr_mask[adapter_name])
                 to_return[f"{name}.{MASK_KEY}.{adapter_name}"] = packed
         return to_return
 
@@ -146,7 +147,7 @@ class MaskedLRModel(BaseTuner):
                 continue
             shape = module.masked_lr_mask[adapter_name].shape
             try:
-                mask = unpack_bits(packed.cpu(), shape)
+                mask = decode_mask(packed.cpu(), shape, name)
             except ValueError as error:
                 raise ValueError(f"saved mask of {name!r}: {error}") from None
             module.set_mask(adapter_name, mask)

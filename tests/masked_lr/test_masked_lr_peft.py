@@ -339,3 +339,20 @@ def test_bad_masks_fail_before_the_model_changes(make_masks, config, error, mess
 def test_bad_scales(fields, message):
     with pytest.raises(ValueError, match=message):
         MaskedLRConfig(**fields)
+
+
+def test_very_sparse_masks_are_saved_as_positions(tmp_path):
+    from safetensors import safe_open
+
+    model = build_tiny_model("llama")
+    name = "model.layers.0.mlp.up_proj.weight"
+    mask = torch.zeros_like(dict(model.named_parameters())[name], dtype=torch.bool)
+    mask.view(-1)[::500] = True  # 0.2% density: 4 bytes per kept entry beat 1 bit per entry
+    peft_model = get_masked_lr_model(model, MaskedLRConfig(), masks={name: mask})
+    peft_model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        stored = {k: handle.get_tensor(k) for k in handle.keys() if "masked_lr_mask" in k}  # noqa: SIM118
+    assert [t.dtype for t in stored.values()] == [torch.int32]
+    reloaded = PeftModel.from_pretrained(build_tiny_model("llama"), tmp_path)
+    layer = reloaded.base_model.model.model.layers[0].mlp.up_proj
+    assert torch.equal(layer.masked_lr_mask["default"].cpu(), mask)
