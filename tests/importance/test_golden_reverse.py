@@ -77,6 +77,10 @@ def test_golden_bad_input():
         golden_masks(model, data, None, 5, metric="magnitude")
     with pytest.raises(ValueError, match="num_samples"):
         golden_masks(model, data, None, 5, num_samples=0)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        golden_masks(model, data, None, 5, scope="layer")
+    with pytest.raises(ValueError, match=r"last_blocks_percent must be in \(0, 100\]"):
+        golden_masks(model, data, None, 5, last_blocks_percent=0)
 
 
 def test_reverse_search_beats_random_and_restores_weights(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny_model, make_token_windows
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hf_sparse.importance import IMPORTANCE_METRICS, compute_importance
 from hf_sparse.models import weight_matrix
@@ -95,12 +96,17 @@ def test_hutchinson_on_a_tiny_lm_matches_the_exact_diagonal():
     assert torch.allclose(estimate, exact, rtol=0.25, atol=0.05 * exact.max())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_activation_metrics_match_direct_formulas(arch):
+@pytest.mark.parametrize(
+    ("arch", "layer_name"),
+    [
+        ("llama", "model.layers.0.mlp.down_proj"),
+        ("gpt2", "transformer.h.0.mlp.c_proj"),  # Conv1D, stored [in, out] = [64, 32]
+        ("gpt2", "transformer.h.0.attn.c_proj"),  # square Conv1D: shapes cannot tell
+    ],
+)
+def test_activation_metrics_match_direct_formulas(arch, layer_name):
     model = build_tiny_model(arch)
-    modules = dict(model.named_modules())
-    layer_name = "model.layers.0.mlp.down_proj" if arch == "llama" else "transformer.h.0.mlp.c_proj"
-    layer = modules[layer_name]
+    layer = dict(model.named_modules())[layer_name]
     inputs = []
     handle = layer.register_forward_hook(
         lambda m, a, o: inputs.append(a[0].reshape(-1, a[0].shape[-1]))
@@ -115,13 +121,24 @@ def test_activation_metrics_match_direct_formulas(arch):
     name = f"{layer_name}.weight"
     wanda = compute_importance(model, batch, "wanda", [name], show_progress=False)[name]
     expected = weight.abs() * x.square().sum(0).sqrt()
-    stored = lambda t: t if t.shape == layer.weight.shape else t.t()  # noqa: E731
+    stored = lambda t: t.t() if isinstance(layer, Conv1D) else t  # noqa: E731
     assert torch.allclose(wanda.double(), stored(expected), rtol=1e-4)
     hessian = x.t() @ x / x.shape[0]
     damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(hessian.shape[0], dtype=x.dtype)
     expected_obs = weight.square() / torch.linalg.inv(damped).diagonal()
     obs = compute_importance(model, batch, "obs", [name], show_progress=False)[name]
     assert torch.allclose(obs.double(), stored(expected_obs), rtol=1e-3)
+
+
+def test_gradient_metrics_on_a_bf16_model_accumulate_in_float32():
+    reference = build_tiny_model("llama")
+    model = build_tiny_model("llama").to(torch.bfloat16)
+    for metric in ("gradient", "fisher", "hutchinson"):
+        scores = compute_importance(model, windows(), metric, [UP], show_progress=False)[UP]
+        exact = compute_importance(reference, windows(), metric, [UP], show_progress=False)[UP]
+        assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+        assert torch.corrcoef(torch.stack([scores.flatten(), exact.flatten()]))[0, 1] > 0.9
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_model_state_is_restored():
@@ -168,6 +185,8 @@ def test_bad_input_is_refused_with_the_fix():
         compute_importance(model, [], "gradient")
     with pytest.raises(ValueError, match="matches no parameter"):
         compute_importance(model, windows(), "gradient", ["no_such"])
+    with pytest.raises(ValueError, match="damp must be a positive number"):
+        compute_importance(model, windows(), "obs", damp=0)
     with pytest.raises(ValueError, match="linear-layer weights only"):
         compute_importance(model, windows(), "wanda", ["model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="same length"):
