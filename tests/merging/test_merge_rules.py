@@ -1,0 +1,85 @@
+"""Merge rules equal peft.utils.merge_utils on the same tensors and random streams."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from hf_sparse.merging import agreeing_signs, merge_task_vectors, trim_magnitude
+
+
+def task_vectors(n: int = 3, shape=(16, 24), seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(n)]
+
+
+WEIGHTS = [0.5, 1.0, 0.7]
+
+
+def test_task_arithmetic_matches_peft():
+    tvs = task_vectors()
+    ours = merge_task_vectors(tvs, WEIGHTS, "task_arithmetic")
+    theirs = merge_utils.task_arithmetic(tvs, torch.tensor(WEIGHTS))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.7])
+def test_magnitude_prune_matches_peft(density):
+    tvs = task_vectors()
+    ours = merge_task_vectors(tvs, WEIGHTS, "magnitude_prune", density)
+    theirs = merge_utils.magnitude_prune(tvs, torch.tensor(WEIGHTS), density)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sign_method", ["total", "frequency"])
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_ties_matches_peft(density, sign_method):
+    tvs = task_vectors()
+    ours = merge_task_vectors(tvs, WEIGHTS, "ties", density, sign_method)
+    theirs = merge_utils.ties(tvs, torch.tensor(WEIGHTS), density, sign_method)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_matches_peft_on_the_same_random_stream(method):
+    tvs = task_vectors()
+    ours = merge_task_vectors(tvs, WEIGHTS, method, 0.3, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(7)
+    theirs = getattr(merge_utils, method)(tvs, torch.tensor(WEIGHTS), 0.3)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    again = merge_task_vectors(
+        tvs, WEIGHTS, method, 0.3, generator=torch.Generator().manual_seed(7)
+    )
+    assert torch.equal(ours, again)
+
+
+def test_trim_keeps_the_largest_and_signs_are_elected():
+    tv = torch.tensor([0.1, -3.0, 2.0, -0.5])
+    assert trim_magnitude(tv, 0.5).tolist() == [0.0, -3.0, 2.0, 0.0]
+    stacked = torch.tensor([[1.0, -1.0], [2.0, 3.0], [-4.0, -1.0]])
+    assert agreeing_signs(stacked, "total").tolist() == [
+        [False, False],
+        [False, True],
+        [True, False],
+    ]
+    assert agreeing_signs(stacked, "frequency").tolist() == [
+        [True, True],
+        [True, False],
+        [False, True],
+    ]
+
+
+def test_bad_input():
+    tvs = task_vectors()
+    for density in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            merge_task_vectors(tvs, WEIGHTS, "ties", density)
+    with pytest.raises(ValueError, match="3 task vectors"):
+        merge_task_vectors(tvs, [1.0], "ties", 0.5)
+    with pytest.raises(ValueError, match="valid"):
+        merge_task_vectors(tvs, WEIGHTS, "slerp")
+    with pytest.raises(ValueError, match="one shape"):
+        merge_task_vectors([tvs[0], tvs[1].t()], [1, 1], "ties", 0.5)
+    with pytest.raises(ValueError, match="sign method"):
+        merge_task_vectors(tvs, WEIGHTS, "ties", 0.5, sign_method="median")
