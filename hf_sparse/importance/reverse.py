@@ -8,8 +8,9 @@ sample's top ``p`` % are exactly the intersection of per-sample top-``p`` masks 
 mask). Each round a fluctuation strategy proposes ``p``; the candidate is that golden set,
 trimmed or filled up to exactly the target count by summed score, so every candidate has the
 same size and the KLs compare. The best candidate wins; the search stops early after
-``patience`` rounds without a gain. Memory: two numbers per scored entry, whatever the number
-of samples.
+``patience`` rounds without a gain. Memory: per scored entry its worst position, its summed
+score and one float64 copy of the sums for the per-round ranking, whatever the number of
+samples.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluation import masked_weights_zeroed
 from ..io import atomic_output_dir, write_json_atomic
 from ..masked import ParameterMasks, check_percent, count_for
+from ..masked.ranking import flatten, top_count, unflatten
 from .distributed import all_reduce_, sum_across_ranks
 from .fluctuation import FLUCTUATION_STRATEGIES, initial_state
 from .golden import check_per_sample_metric, prepare_selection
@@ -75,17 +78,29 @@ def _positions_from_top(scores: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RankSummary:
-    """Per entry: worst position over samples and summed score; sizes of the ranked groups."""
+    """Per entry: worst position over samples and summed score."""
 
     worst: dict[str, torch.Tensor]
     total: dict[str, torch.Tensor]
     scope: str
+
+    def __post_init__(self) -> None:
+        # Every round ranks by the same summed scores: flatten them once.
+        flat = flatten(self.total).double()
+        self._flat_total = flat
+        self._span = float(flat.max() - flat.min()) + 1.0
 
     def golden(self, percent: float) -> dict[str, torch.Tensor]:
         if self.scope == "global":
             limit = count_for(percent, sum(w.numel() for w in self.worst.values()))
             return {n: w < limit for n, w in self.worst.items()}
         return {n: w < count_for(percent, w.numel()) for n, w in self.worst.items()}
+
+    def exact_count(self, candidate: dict[str, torch.Tensor], count: int):
+        """``count`` entries: the candidate's first, then the rest, each by summed score."""
+        # Shift candidate entries above every other entry; order inside each part by score.
+        key = self._flat_total + flatten(candidate).double() * 2 * self._span
+        return unflatten(top_count(key, count), self.total)
 
 
 def summarise_ranks(fn, model, samples, selected, scope, options, show_progress) -> RankSummary:
@@ -98,11 +113,7 @@ def summarise_ranks(fn, model, samples, selected, scope, options, show_progress)
                 for n, s in fn(model, [sample], selected, False, **options).items()
             }
         if scope == "global":
-            flat = _positions_from_top(torch.cat([s.reshape(-1) for s in scores.values()]))
-            positions, start = {}, 0
-            for name, s in scores.items():
-                positions[name] = flat[start : start + s.numel()].reshape(s.shape)
-                start += s.numel()
+            positions = unflatten(_positions_from_top(flatten(scores)), scores)
         else:
             positions = {n: _positions_from_top(s) for n, s in scores.items()}
         for name, s in scores.items():
@@ -117,35 +128,17 @@ def summarise_ranks(fn, model, samples, selected, scope, options, show_progress)
     return RankSummary(worst, total, scope)
 
 
-def exact_count(candidate: dict[str, torch.Tensor], total: dict[str, torch.Tensor], count: int):
-    """``count`` entries: the candidate's entries first, then the rest, each by summed score."""
-    names = list(total)
-    flat_total = torch.cat([total[n].reshape(-1) for n in names])
-    flat_candidate = torch.cat([candidate[n].reshape(-1) for n in names])
-    # Shift candidate entries above every other entry; order inside each part by score.
-    span = float(flat_total.max() - flat_total.min()) + 1.0
-    key = flat_total.double() + flat_candidate.double() * 2 * span
-    chosen = torch.zeros(flat_total.numel(), dtype=torch.bool)
-    if count > 0:
-        chosen[key.topk(count, sorted=False).indices] = True
-    masks, start = {}, 0
-    for name in names:
-        masks[name] = chosen[start : start + total[name].numel()].reshape(total[name].shape)
-        start += total[name].numel()
-    return masks
-
-
 class KLProbe:
     """KL(original || model with entries zeroed) on fixed held-out samples.
 
-    The original log-probabilities are computed once. Zeroing backs up only the masked
-    entries, ``chunk_size`` tensors at a time, and restores them exactly. Under
-    ``torch.distributed`` the KL sums over every rank's held-out samples, so all ranks see the
-    same KL and take the same search decisions.
+    The original log-probabilities are computed once; ``masked_weights_zeroed`` backs up only
+    the masked entries and restores them exactly. Under ``torch.distributed`` the KL sums
+    over every rank's held-out samples, so all ranks see the same KL and take the same
+    search decisions.
     """
 
-    def __init__(self, model, params, samples, chunk_size: int):
-        self.model, self.params, self.samples, self.chunk_size = model, params, samples, chunk_size
+    def __init__(self, model, samples):
+        self.model, self.samples = model, samples
         self.reference = [self._log_probs(s) for s in samples]
 
     @torch.no_grad()
@@ -156,25 +149,14 @@ class KLProbe:
 
     @torch.no_grad()
     def kl_with_zeroed(self, masks: dict[str, torch.Tensor]) -> float:
-        names = [n for n, m in masks.items() if bool(m.any())]
-        backup = {}
-        try:
-            for start in range(0, len(names), self.chunk_size):
-                for name in names[start : start + self.chunk_size]:
-                    param = self.params[name]
-                    mask = masks[name].to(param.device)
-                    backup[name] = (mask, param[mask].clone())
-                    param.masked_fill_(mask, 0)
-            total, count = 0.0, 0
+        total, count = 0.0, 0
+        with masked_weights_zeroed(self.model, masks):
             for sample, log_p in zip(self.samples, self.reference, strict=True):
                 log_q = self._log_probs(sample)
                 total += float((log_p.exp() * (log_p - log_q)).sum())
                 count += log_p.shape[0] * log_p.shape[1]
-            device = next(self.model.parameters()).device
-            return sum_across_ranks(total, device) / sum_across_ranks(count, device)
-        finally:
-            for name, (mask, values) in backup.items():
-                self.params[name][mask] = values
+        device = next(self.model.parameters()).device
+        return sum_across_ranks(total, device) / sum_across_ranks(count, device)
 
 
 def reverse_golden_masks(
@@ -192,7 +174,6 @@ def reverse_golden_masks(
     rounds: int = 8,
     patience: int = 3,
     expansion: float = 4.0,
-    chunk_size: int = 16,
     params: list[str] | str | None = None,
     last_blocks_percent: float | None = None,
     seed: int = 0,
@@ -222,7 +203,6 @@ def reverse_golden_masks(
         ("num_samples", num_samples),
         ("rounds", rounds),
         ("patience", patience),
-        ("chunk_size", chunk_size),
         ("eval_samples", eval_samples),
     ):
         if not isinstance(value, int) or value < 1:
@@ -242,14 +222,14 @@ def reverse_golden_masks(
     ranks = summarise_ranks(fn, model, samples, selected, scope, metric_options, show_progress)
     total_entries = sum(t.numel() for t in ranks.total.values())
     count = count_for(target_percent, total_entries)
-    probe = KLProbe(model, selected, held_out, chunk_size)
+    probe = KLProbe(model, held_out)
     step = FLUCTUATION_STRATEGIES[strategy]
     state = initial_state(target_percent, expansion, seed)
     history, best, best_kl, last_kl, stale = [], None, None, None, 0
     for round_index in tqdm(range(rounds), desc="reverse search", disable=not show_progress):
         percent, state = step(state, round_index, last_kl, best_kl)
         golden = ranks.golden(percent)
-        candidate = exact_count(golden, ranks.total, count)
+        candidate = ranks.exact_count(golden, count)
         last_kl = probe.kl_with_zeroed(candidate)
         improved = best_kl is None or last_kl > best_kl
         if improved:

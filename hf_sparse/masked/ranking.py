@@ -77,17 +77,31 @@ _PER_TENSOR_RANKERS: dict[str, Callable[[torch.Tensor, float, TensorLayout], tor
 RANKING_SCOPES = ("global", *_PER_TENSOR_RANKERS)
 
 
-def _global_top_k(scores: Mapping[str, torch.Tensor], percent: float) -> dict[str, torch.Tensor]:
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    k = count_for(percent, flat.numel())
+def flatten(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """All tensors as one flat vector, in the mapping's order (``unflatten`` undoes it)."""
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split a flat vector back into tensors shaped and named like ``like``."""
+    parts, start = {}, 0
+    for name, tensor in like.items():
+        parts[name] = flat[start : start + tensor.numel()].reshape(tensor.shape)
+        start += tensor.numel()
+    return parts
+
+
+def top_count(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool vector keeping the ``count`` largest entries of ``flat``."""
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k > 0:
-        chosen[flat.topk(k, sorted=False).indices] = True
-    masks, start = {}, 0
-    for name, score in scores.items():
-        masks[name] = chosen[start : start + score.numel()].reshape(score.shape)
-        start += score.numel()
-    return masks
+    if count > 0:
+        chosen[flat.topk(count, sorted=False).indices] = True
+    return chosen
+
+
+def _global_top_k(scores: Mapping[str, torch.Tensor], percent: float) -> dict[str, torch.Tensor]:
+    flat = flatten(scores)
+    return unflatten(top_count(flat, count_for(percent, flat.numel())), scores)
 
 
 def top_k(
