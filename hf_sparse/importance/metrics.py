@@ -33,9 +33,10 @@ import torch.nn.attention
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import StatsCollector, all_reduce_stats, distributed_world
+from ..calibration import StatsCollector, all_reduce_stats
 from ..models import is_linear, weight_matrix
 from ..pruning.core import damped_inverse_cholesky, wanda_scores
+from .distributed import all_reduce_, sum_across_ranks
 from .samples import as_samples
 from .selection import select_parameters
 
@@ -100,14 +101,12 @@ def _loss(model: nn.Module, sample: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _all_reduce(buffers: Scores, count: int) -> int:
-    _, world = distributed_world()
-    if world == 1 or not _REDUCE_ACROSS_RANKS.get():
+    """Sum ``buffers`` and ``count`` over ranks (unless inside ``per_rank_scores``)."""
+    if not _REDUCE_ACROSS_RANKS.get():
         return count
-    for name in sorted(buffers):
-        torch.distributed.all_reduce(buffers[name])
-    total = torch.tensor([count], dtype=torch.float64)
-    torch.distributed.all_reduce(total)
-    return int(total.item())
+    device = next(iter(buffers.values())).device
+    all_reduce_(buffers, torch.distributed.ReduceOp.SUM, device)
+    return int(sum_across_ranks(count, device))
 
 
 def _zeros(params: dict[str, nn.Parameter]) -> Scores:
@@ -207,9 +206,7 @@ def _linear_owners(model: nn.Module, params: dict[str, nn.Parameter], metric: st
 
 
 def _input_stats(model, samples, owners, need_xtx: bool, show_progress: bool):
-    collector = StatsCollector(
-        {n: m for n, m in owners.items()}, need_xtx=need_xtx, need_sq_norms=not need_xtx
-    )
+    collector = StatsCollector(owners, need_xtx=need_xtx, need_sq_norms=not need_xtx)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
