@@ -6,14 +6,15 @@ under ``"hf_sparse.mask_shapes"`` as JSON.
 
 Very sparse masks are smaller as a list of positions: below a density of 1/32 the sorted flat
 ``int32`` indices of the kept entries (4 bytes each) beat one bit per entry. ``encoding="auto"``
-picks the smaller form per tensor; the tensors stored as indices are listed under
-``"hf_sparse.mask_encodings"``. Either way the file stays far below int64 COO (16 bytes per
+picks the smaller form per tensor; the stored dtype tells them apart (``uint8`` bits, ``int32``
+positions). Either way the file stays far below int64 COO (16 bytes per
 kept entry of a matrix) and a dense bool tensor (1 byte per entry).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,6 @@ from safetensors.torch import save_file
 
 MASKS_FILE = "sparsity_masks.safetensors"  # name of the mask file beside saved weights
 _SHAPES_KEY = "hf_sparse.mask_shapes"
-_ENCODINGS_KEY = "hf_sparse.mask_encodings"
 MASK_ENCODINGS = ("auto", "bits", "indices")
 _INT32_LIMIT = 2**31 - 1
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -41,9 +41,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """Inverse of ``pack_bits``."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != (count + 7) // 8:
         raise ValueError(
             f"packed mask of {packed.numel()} bytes ({packed.dtype}) cannot hold shape "
@@ -53,12 +51,21 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> to
     return bits[:count].reshape(tuple(shape))
 
 
+def _indices_are_smaller(numel: int, kept: int) -> bool:
+    return numel <= _INT32_LIMIT and 4 * kept < (numel + 7) // 8
+
+
+def stored_mask_bytes(numel: int, kept: int) -> int:
+    """Bytes ``encoding="auto"`` stores for a mask of ``numel`` entries, ``kept`` of them True."""
+    return 4 * kept if _indices_are_smaller(numel, kept) else (numel + 7) // 8
+
+
 def _choose_encoding(mask: torch.Tensor, encoding: str) -> str:
     if encoding == "bits" or mask.numel() > _INT32_LIMIT:
         return "bits"
     if encoding == "indices":
         return "indices"
-    return "indices" if 4 * int(mask.sum()) < (mask.numel() + 7) // 8 else "bits"
+    return "indices" if _indices_are_smaller(mask.numel(), int(mask.sum())) else "bits"
 
 
 def save_masks(
@@ -77,18 +84,11 @@ def save_masks(
         raise ValueError(f"encoding must be one of {list(MASK_ENCODINGS)}, got {encoding!r}")
     path = Path(path)
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
-    tensors, as_indices = {}, []
-    for name, mask in masks.items():
-        tensors[name] = encode_mask(mask, encoding)
-        if tensors[name].dtype == torch.int32:
-            as_indices.append(name)
+    tensors = {name: encode_mask(mask, encoding) for name, mask in masks.items()}
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
-    reserved = {_SHAPES_KEY, _ENCODINGS_KEY} & set(header)
-    if reserved:
-        raise ValueError(f"metadata keys {sorted(reserved)} are reserved for the mask layout")
+    if _SHAPES_KEY in header:
+        raise ValueError(f"metadata key {_SHAPES_KEY!r} is reserved for the mask shapes")
     header[_SHAPES_KEY] = json.dumps(shapes)
-    if as_indices:
-        header[_ENCODINGS_KEY] = json.dumps({name: "indices" for name in as_indices})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=header)
@@ -105,21 +105,14 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if _SHAPES_KEY not in metadata:
             raise ValueError(f"{path} is not an hf_sparse mask file (no {_SHAPES_KEY} metadata)")
         shapes = json.loads(metadata[_SHAPES_KEY])
-        encodings = json.loads(metadata.get(_ENCODINGS_KEY, "{}"))
-        masks = {}
-        for name, shape in shapes.items():
-            stored = handle.get_tensor(name)
-            if encodings.get(name) == "indices":
-                masks[name] = _mask_from_indices(stored, shape, name)
-            else:
-                masks[name] = unpack_bits(stored, shape)
-        return masks
+        return {
+            name: decode_mask(handle.get_tensor(name), shape, name)
+            for name, shape in shapes.items()
+        }
 
 
 def _mask_from_indices(indices: torch.Tensor, shape: list[int], name: str) -> torch.Tensor:
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     if indices.ndim != 1 or (indices.numel() and (indices.min() < 0 or indices.max() >= count)):
         raise ValueError(f"stored indices of mask {name!r} do not fit its shape {tuple(shape)}")
     flat = torch.zeros(count, dtype=torch.bool)
@@ -132,7 +125,6 @@ def load_mask_metadata(path: str | os.PathLike) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
     metadata.pop(_SHAPES_KEY, None)
-    metadata.pop(_ENCODINGS_KEY, None)
     return metadata
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bitmask import load_masks, save_masks
+from .bitmask import load_masks, save_masks, stored_mask_bytes
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TensorMasksReport:
     kept: int
     density: float
     packed_bytes: int  # one bit per entry
-    stored_bytes: int  # what ``save`` writes: min(bits, 4 bytes per kept entry)
+    stored_bytes: int  # what ``save`` writes (encoding auto): bits or 4 bytes per kept entry
     bool_bytes: int  # a dense torch.bool tensor: one byte per entry
     coo_bytes: int  # int64 COO indices, one row per dimension (torch sparse, no values)
 
@@ -97,7 +97,7 @@ class ParameterMasks(Mapping[str, torch.Tensor]):
                     kept=kept,
                     density=kept / mask.numel() if mask.numel() else 0.0,
                     packed_bytes=(mask.numel() + 7) // 8,
-                    stored_bytes=min((mask.numel() + 7) // 8, 4 * kept),
+                    stored_bytes=stored_mask_bytes(mask.numel(), kept),
                     bool_bytes=mask.numel(),
                     coo_bytes=kept * max(mask.ndim, 1) * 8,
                 )
