@@ -9,6 +9,7 @@ the working directory), and otherwise to its Hub dataset through ``datasets.load
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +194,16 @@ def load_records(source: str | os.PathLike, limit: int | None = None) -> list[di
     if not records:
         raise ValueError(f"{source} holds no records")
     return records[:limit] if limit is not None else records
+
+
+def draw_records(source: str | os.PathLike, count: int, seed: int = 0) -> list[dict]:
+    """``count`` records of ``source`` in a seeded random order (an error if there are fewer)."""
+    records = load_records(source)
+    if len(records) < count:
+        raise ValueError(f"{source} has {len(records)} records; {count} are needed")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in order[:count]]
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,14 +26,14 @@ from typing import Any
 from torch import nn
 
 from .config_utils import check_keys, check_positive_ints, from_dict, help_field, to_dict
-from .data import load_records, load_text, random_windows, tokenize
+from .data import draw_records, load_text, random_windows, tokenize
 from .importance import (
     compute_importance,
     golden_masks,
     instruction_prompt_fn,
     reverse_golden_masks,
-    text_prompt_fn,
 )
+from .importance.samples import apply_prompt_fn
 from .io import atomic_output_dir, check_output_dir, write_json_atomic
 from .masked import RANKING_SCOPES, ParameterMasks, top_k
 from .models import parameter_layouts
@@ -104,7 +103,7 @@ def parse_mask_job(mask: Any, where: str = "mask") -> MaskJobSpec:
     return MaskJobSpec(kind, dict(settings or {}))
 
 
-def build_samples(tokenizer, data: MaskDataConfig) -> tuple[list, list, Callable]:
+def build_samples(tokenizer, data: MaskDataConfig) -> tuple[list, list, Callable | None]:
     """(samples, held-out samples, prompt_fn) for a mask job."""
     fmt = data.format
     source = str(data.dataset)
@@ -113,23 +112,17 @@ def build_samples(tokenizer, data: MaskDataConfig) -> tuple[list, list, Callable
         fmt = "instruction" if records_like else "text"
     total = data.num_samples + data.eval_samples
     if fmt == "instruction":
-        records = load_records(source)
-        if not {"instruction", "output"} <= set(records[0]):
+        chosen = draw_records(source, total, data.seed)
+        if not {"instruction", "output"} <= set(chosen[0]):
             raise ValueError(
-                f"{source} records have fields {sorted(records[0])}; instruction format needs "
+                f"{source} records have fields {sorted(chosen[0])}; instruction format needs "
                 "'instruction' and 'output' (use data.format: text for plain text)"
             )
         prompt_fn = instruction_prompt_fn(tokenizer, data.max_length)
-        order = list(range(len(records)))
-        random.Random(data.seed).shuffle(order)
-        chosen = [records[i] for i in order[:total]]
-    else:
+    else:  # token windows, used as they are (labels = inputs)
         ids = tokenize(tokenizer, load_text(source, "calibration", data.text_field))
-        windows = random_windows(ids, total, data.max_length, data.seed)
-        chosen = [tokenizer.decode(w) for w in windows]
-        prompt_fn = text_prompt_fn(tokenizer, data.max_length)
-    if len(chosen) < total:
-        raise ValueError(f"{source} has {len(chosen)} samples, the job needs {total}")
+        chosen = [{"input_ids": w} for w in random_windows(ids, total, data.max_length, data.seed)]
+        prompt_fn = None
     return chosen[: data.num_samples], chosen[data.num_samples : total], prompt_fn
 
 
@@ -154,7 +147,7 @@ def run_mask_job(
     summary: dict[str, Any] = {"job": job.kind, "settings": job.settings, "data": to_dict(data)}
     if job.kind == "score":
         cfg = from_dict(ScoreJob, job.settings, "mask.score")
-        batches = [prompt_fn(s) for s in samples]
+        batches = apply_prompt_fn(samples, prompt_fn)
         scores = compute_importance(
             model, batches, cfg.metric, cfg.params, show_progress, **cfg.options
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from .config_utils import check_keys, check_positive_ints, from_dict, help_field, to_dict
-from .data import load_records
+from .data import draw_records
 from .hub import render_adapter_card
 from .importance import instruction_prompt_fn
 from .io import atomic_output_dir, write_json_atomic
@@ -78,13 +77,8 @@ def instruction_splits(
     tokenizer, source: str, train: int, held_out: int, max_length: int, seed: int = 0
 ) -> tuple[list[dict], list[dict]]:
     """Tokenized (train, held-out) Alpaca-style examples, disjoint, drawn with ``seed``."""
-    records = load_records(source)
-    if len(records) < train + held_out:
-        raise ValueError(f"{source} has {len(records)} records; {train + held_out} are needed")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
     prompt_fn = instruction_prompt_fn(tokenizer, max_length)
-    examples = [prompt_fn(records[i]) for i in order[: train + held_out]]
+    examples = [prompt_fn(r) for r in draw_records(source, train + held_out, seed)]
     return examples[held_out:], examples[:held_out]
 
 
