@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hf_sparse.importance import golden_masks
 from transformers import TrainerCallback
 
+from hf_sparse.importance import as_samples, golden_masks
 from hf_sparse.masked import ParameterMasks, check_percent
 from hf_sparse.trainers import freeze_parameters_without_masks, set_optimizer_masks
 
@@ -40,22 +40,14 @@ GOLDEN_MASKS_FILE = "golden_masks.safetensors"  # saved in each checkpoint folde
 
 
 def _examples_from_batches(dataloader, num_samples: int) -> list[dict[str, torch.Tensor]]:
-    """Per-sample ``input_ids``/``labels`` from collated batches, padding removed."""
+    """The first ``num_samples`` samples of the collated train batches, padding removed."""
     if dataloader is None:
         raise ValueError("no masks_file and no train dataloader to compute golden masks from")
     examples = []
     for batch in dataloader:
-        ids = batch["input_ids"].cpu()
-        labels = batch.get("labels")
-        attention = batch.get("attention_mask")
-        for row in range(ids.shape[0]):
-            keep = attention[row].cpu().bool() if attention is not None else slice(None)
-            example = {"input_ids": ids[row][keep]}
-            if labels is not None:
-                example["labels"] = labels[row].cpu()[keep]
-            examples.append(example)
-            if len(examples) >= num_samples:
-                return examples
+        examples.extend(as_samples([batch]))
+        if len(examples) >= num_samples:
+            return examples[:num_samples]
     if not examples:
         raise ValueError("the train dataloader is empty: no samples for golden masks")
     return examples

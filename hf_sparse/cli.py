@@ -60,8 +60,7 @@ def _print_mask_summary(summary: dict, output_dir) -> None:
 
 
 def cmd_mask(args: argparse.Namespace) -> int:
-    from .mask_pipeline import MaskDataConfig, parse_mask_job, run_mask_job
-    from .pipeline import load_model_and_tokenizer
+    from .mask_pipeline import MaskDataConfig, load_recipe_model, parse_mask_job, run_mask_job
 
     settings = {
         key: value
@@ -77,10 +76,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         seed=args.seed,
     )
-    from .io import check_output_dir
-
-    check_output_dir(args.output_dir, args.overwrite)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_recipe_model(args.model, args.output_dir, args.overwrite)
     _, summary = run_mask_job(model, tokenizer, job, data, args.output_dir, args.overwrite)
     _print_mask_summary(summary, args.output_dir)
     return 0

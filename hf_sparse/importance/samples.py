@@ -57,7 +57,7 @@ def as_samples(batches: Any) -> list[dict[str, torch.Tensor]]:
         if not isinstance(item, Mapping):
             raise ValueError(f"item {i} is a {type(item).__name__}; expected a dict of input_ids")
         ids = torch.as_tensor(item["input_ids"]) if "input_ids" in item else None
-        if ids is not None and ids.ndim == 2 and ids.shape[0] > 1:
+        if ids is not None and ids.ndim == 2:
             labels = item.get("labels")
             attention = item.get("attention_mask")
             for row in range(ids.shape[0]):
