@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .masked import ParameterMasks
 from .models import is_linear, weight_matrix
 
 
@@ -123,20 +124,15 @@ def format_sparsity_report(report: list[LayerSparsity]) -> str:
 @contextlib.contextmanager
 def masked_weights_zeroed(model: nn.Module, masks) -> Iterator[None]:
     """Inside the block, the masked (True) entries of ``masks`` are zero; restored exactly after."""
+    masks = masks if isinstance(masks, ParameterMasks) else ParameterMasks(masks)
+    masks.check_against(model)  # names and shapes, before any weight changes
     params = dict(model.named_parameters())
-    unknown = [n for n in masks if n not in params]
-    if unknown:
-        raise ValueError(f"masks name parameters the model lacks, e.g. {unknown[:3]}")
     saved = {}
     try:
         with torch.no_grad():
             for name, mask in masks.items():
                 param = params[name]
-                if tuple(mask.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"mask {name!r} is {tuple(mask.shape)}, parameter is {tuple(param.shape)}"
-                    )
-                mask = mask.to(param.device, torch.bool)
+                mask = mask.to(param.device)
                 saved[name] = (mask, param[mask].clone())
                 param.masked_fill_(mask, 0)
         yield

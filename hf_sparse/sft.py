@@ -177,9 +177,7 @@ def finetune_with_masks(
     metrics: dict[str, Any] = {"eval_loss_before": mean_response_loss(model, eval_examples, pad)}
     args = train_args(config, work_dir)
     if config.adapter == "masked_lr":
-        targets = sorted({name.rsplit(".", 1)[0] for name in masks})
-        peft_config = MaskedLRConfig(
-            target_modules=targets,
+        peft_config = MaskedLRConfig(  # targets: the masked modules
             inside_lr_scale=config.inside_lr_scale,
             outside_lr_scale=config.outside_lr_scale,
         )
