@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -84,24 +84,6 @@ def freeze_parameters_without_masks(model: torch.nn.Module, masks: Mapping[str, 
             param.requires_grad_(False)
             frozen += 1
     return frozen
-
-
-def tokenized_examples(dataset: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
-    """Examples of a tokenized dataset as dicts of ``input_ids`` (and ``labels``)."""
-    if dataset is None:
-        raise ValueError("no dataset: pass one, or give the trainer a train_dataset")
-    examples = []
-    for example in dataset:
-        if "input_ids" not in example:
-            raise ValueError(
-                f"examples need 'input_ids' (a tokenized dataset); got fields {sorted(example)}. "
-                "Pass prompt_fn= to turn raw examples into input_ids and labels."
-            )
-        item = {"input_ids": example["input_ids"]}
-        if example.get("labels") is not None:
-            item["labels"] = example["labels"]
-        examples.append(item)
-    return examples
 
 
 class GoldenParamsMixin:
@@ -184,10 +166,8 @@ class GoldenParamsMixin:
         """Golden masks (intersection of per-sample top-k) of the trainer's model on
         ``dataset`` (default: the train dataset). See ``hf_sparse.importance.golden_masks``.
         """
-        examples = list(dataset) if prompt_fn is not None else None
-        if examples is None:
-            examples = tokenized_examples(dataset if dataset is not None else self.train_dataset)
-        return golden_masks(self.model, examples, prompt_fn, top_k_percent, **options)
+        dataset = self._dataset_or_train(dataset)
+        return golden_masks(self.model, dataset, prompt_fn, top_k_percent, **options)
 
     def get_reverse_golden_params(
         self, target_percent: float = 1.0, dataset=None, prompt_fn=None, **options
@@ -196,11 +176,16 @@ class GoldenParamsMixin:
         on ``dataset`` (default: the train dataset; held-out samples default to the eval
         dataset when the trainer has one). See ``hf_sparse.importance.reverse_golden_masks``.
         """
-        if prompt_fn is None:
-            dataset = tokenized_examples(dataset if dataset is not None else self.train_dataset)
-            if "eval_dataset" not in options and self.eval_dataset is not None:
-                options["eval_dataset"] = tokenized_examples(self.eval_dataset)
+        if prompt_fn is None and "eval_dataset" not in options and self.eval_dataset is not None:
+            options["eval_dataset"] = self.eval_dataset
+        dataset = self._dataset_or_train(dataset)
         return reverse_golden_masks(self.model, dataset, prompt_fn, target_percent, **options)
+
+    def _dataset_or_train(self, dataset):
+        dataset = dataset if dataset is not None else self.train_dataset
+        if dataset is None:
+            raise ValueError("no dataset: pass one, or give the trainer a train_dataset")
+        return dataset
 
     def compare_generations_with_mask(
         self,

@@ -159,3 +159,11 @@ def test_masks_for_another_model_are_refused(tmp_path):
         GoldenMaskCallback(masks_file=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=r"\(0, 100\]"):
         GoldenMaskCallback(top_k_percent=0)
+
+
+def test_golden_params_on_raw_examples_name_the_fix(tmp_path):
+    trainer = GoldenParamsTrainer(
+        model=build_tiny_model("llama"), args=training_args(tmp_path), train_dataset=examples()
+    )
+    with pytest.raises(ValueError, match="no 'input_ids'.*prompt_fn="):
+        trainer.get_golden_params(dataset=[{"text": "raw"}], num_samples=1)

@@ -15,6 +15,7 @@ samples.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -213,7 +214,7 @@ def reverse_golden_masks(
                 f"no held-out samples: the dataset has {0 if dataset is None else len(dataset)} "
                 f"examples and num_samples={num_samples}; pass eval_dataset= or more examples"
             )
-        eval_dataset = list(dataset)[num_samples : num_samples + eval_samples]
+        eval_dataset = list(itertools.islice(dataset, num_samples, num_samples + eval_samples))
     samples = apply_prompt_fn(dataset, prompt_fn, limit=num_samples)
     held_out = apply_prompt_fn(eval_dataset, prompt_fn, limit=eval_samples)
     selected = prepare_selection(model, params, last_blocks_percent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,10 @@ def _as_row(value: Any, field: str, where: str) -> torch.Tensor:
 def sample_from_mapping(item: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
     """One sample ``{"input_ids": [1, L], "labels": [1, L]}`` from a dict of token lists."""
     if "input_ids" not in item:
-        raise ValueError(f"{where}: no 'input_ids' (fields: {sorted(item)})")
+        raise ValueError(
+            f"{where}: no 'input_ids' (fields: {sorted(item)}); pass prompt_fn= to turn raw "
+            "examples into input_ids and labels (text_prompt_fn / instruction_prompt_fn)"
+        )
     ids = _as_row(item["input_ids"], "input_ids", where)
     labels = item.get("labels")
     labels = ids.clone() if labels is None else _as_row(labels, "labels", where)
@@ -85,7 +89,7 @@ def apply_prompt_fn(
     """``prompt_fn`` applied to the first ``limit`` examples, checked, as samples."""
     if dataset is None or len(dataset) == 0:
         raise ValueError("the dataset is empty: give at least one example")
-    examples = list(dataset)[:limit] if limit is not None else list(dataset)
+    examples = itertools.islice(dataset, limit)  # only the examples used are read
     samples = []
     for i, example in enumerate(examples):
         if prompt_fn is not None:
