@@ -210,12 +210,13 @@ def _block_output(output) -> torch.Tensor:
 
 def run_sequential(
     model: nn.Module,
-    calibration: torch.Tensor,
+    calibration: torch.Tensor | list[torch.Tensor],
     process_block: Callable[[str, nn.Module], Callable[[], None] | None],
     batch_size: int = 8,
     blocks: str | None = None,
     show_progress: bool = True,
     after_block: Callable[[nn.Module], None] | None = None,
+    on_stream: Callable[[int], None] | None = None,
 ) -> None:
     """Drive ``process_block`` over the decoder blocks with propagated calibration inputs.
 
@@ -224,36 +225,53 @@ def run_sequential(
     seen, which changes the block (prune, compress, ...). The block is then re-run to produce
     the inputs of the next block; ``after_block(block)`` runs just before that re-run
     (e.g. to broadcast rank 0's weights). ``calibration`` is ``[n_windows, seq_len]`` token ids on
-    this rank.
+    this rank, or a list of such tensors (streams, e.g. one calibration set per task, each with
+    its own length); ``on_stream(i)`` is called before stream ``i`` runs through a block to be
+    measured, so hooks can tell the streams apart.
     """
     _check_distributed_setup()
-    if calibration.ndim != 2 or calibration.shape[0] == 0:
-        raise ValueError(
-            "calibration must be a non-empty [n_windows, seq_len] tensor of token ids, "
-            f"got shape {tuple(calibration.shape)}"
-        )
+    streams = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    if not streams:
+        raise ValueError("calibration must hold at least one [n_windows, seq_len] tensor")
+    for stream in streams:
+        if not isinstance(stream, torch.Tensor) or stream.ndim != 2 or stream.shape[0] == 0:
+            shape = tuple(stream.shape) if isinstance(stream, torch.Tensor) else type(stream)
+            raise ValueError(
+                "calibration must be a non-empty [n_windows, seq_len] tensor of token ids, "
+                f"got shape {shape}"
+            )
     decoder_blocks = find_decoder_blocks(model, blocks)
     device = next(model.parameters()).device
-    batches = [b.to(device) for b in calibration.split(batch_size)]
     was_training = model.training
     model.eval()
     try:
-        inputs = capture_block_inputs(model, decoder_blocks[0][1], batches)
-        hidden = inputs.hidden
+        inputs = [
+            capture_block_inputs(
+                model, decoder_blocks[0][1], [b.to(device) for b in stream.split(batch_size)]
+            )
+            for stream in streams
+        ]
+        hidden = [captured.hidden for captured in inputs]
         bar = tqdm(decoder_blocks, desc="calibrating blocks", disable=not show_progress)
         for name, block in bar:
             finish = process_block(name, block)
             if finish is not None:
                 with torch.no_grad():
-                    for h, a, k in zip(hidden, inputs.args, inputs.kwargs, strict=True):
-                        block(h, *a, **k)
+                    for index, (states, captured) in enumerate(zip(hidden, inputs, strict=True)):
+                        if on_stream is not None:
+                            on_stream(index)
+                        for h, a, k in zip(states, captured.args, captured.kwargs, strict=True):
+                            block(h, *a, **k)
                 finish()
             if after_block is not None:
                 after_block(block)
             with torch.no_grad():
                 hidden = [
-                    _block_output(block(h, *a, **k))
-                    for h, a, k in zip(hidden, inputs.args, inputs.kwargs, strict=True)
+                    [
+                        _block_output(block(h, *a, **k))
+                        for h, a, k in zip(states, captured.args, captured.kwargs, strict=True)
+                    ]
+                    for states, captured in zip(hidden, inputs, strict=True)
                 ]
     finally:
         model.train(was_training)

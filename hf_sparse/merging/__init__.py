@@ -1,21 +1,46 @@
-"""Model merging with task vectors (fine-tuned minus base). So far: the tensor-level merge rules
-(task arithmetic, magnitude trim, TIES, DARE); model loading, SparseGPT-pruned task vectors and
-sequential merging are still to come (issue 7)."""
+"""Model merging with task vectors (fine-tuned minus base): task arithmetic, magnitude
+pruning, TIES, DARE and SparseGPT-pruned task vectors (OBS error correction on each layer's
+input Hessian) with sequential input propagation, for full checkpoints and adapters.
 
+Maths in ``core``, task-vector loading in ``task_vectors``, the model-level merge in ``merge``,
+recipes and outputs in ``pipeline``.
+"""
+
+from .config import HESSIAN_MODES, MergeConfig, MergeSource
 from .core import (
     MERGE_METHODS,
     SIGN_METHODS,
+    ObsOptions,
     agreeing_signs,
     drop_random,
     merge_task_vectors,
+    prune_task_vector_obs,
+    reconstruction_error,
+    register_merge_method,
+    rescale_rows,
     trim_magnitude,
 )
+from .merge import MergeResult, merge_
+from .task_vectors import check_sources, inspect_source, load_task_vector
 
 __all__ = [
+    "HESSIAN_MODES",
     "MERGE_METHODS",
     "SIGN_METHODS",
+    "MergeConfig",
+    "MergeResult",
+    "MergeSource",
+    "ObsOptions",
     "agreeing_signs",
+    "check_sources",
     "drop_random",
+    "inspect_source",
+    "load_task_vector",
+    "merge_",
     "merge_task_vectors",
+    "prune_task_vector_obs",
+    "reconstruction_error",
+    "register_merge_method",
+    "rescale_rows",
     "trim_magnitude",
 ]

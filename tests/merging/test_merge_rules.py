@@ -83,3 +83,77 @@ def test_bad_input():
         merge_task_vectors([tvs[0], tvs[1].t()], [1, 1], "ties", 0.5)
     with pytest.raises(ValueError, match="sign method"):
         merge_task_vectors(tvs, WEIGHTS, "ties", 0.5, sign_method="median")
+
+
+def _correlated_inputs(tokens: int = 512, features: int = 48, seed: int = 0) -> torch.Tensor:
+    """Activations like an LM's: correlated features with a few large-scale columns."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=generator)
+    scales = torch.ones(features)
+    scales[:4] = 20.0  # outlier features
+    return (torch.randn(tokens, features, generator=generator) @ mixing) * scales
+
+
+@pytest.mark.parametrize("density", [0.1, 0.2, 0.3])
+def test_obs_task_vector_reconstructs_outputs_better_than_magnitude(density):
+    from hf_sparse.merging import prune_task_vector_obs, reconstruction_error
+
+    x = _correlated_inputs()
+    hessian = x.t() @ x / x.shape[0]
+    tau = torch.randn(32, 48, generator=torch.Generator().manual_seed(1)) * 0.01
+    obs = prune_task_vector_obs(tau, hessian, density)
+    magnitude = trim_magnitude(tau, density)
+    assert (obs != 0).float().mean().item() == pytest.approx(density, abs=0.01)
+    obs_error, norm = reconstruction_error(tau, obs, hessian)
+    magnitude_error, _ = reconstruction_error(tau, magnitude, hessian)
+    direct = ((x @ (tau - obs).t()) ** 2).sum().item() / x.shape[0]
+    assert obs_error == pytest.approx(direct, rel=1e-4)
+    assert obs_error < 0.7 * magnitude_error
+    assert norm == pytest.approx(((x @ tau.t()) ** 2).sum().item() / x.shape[0], rel=1e-4)
+
+
+def test_obs_with_full_density_keeps_the_task_vector_and_rescale_never_hurts():
+    from hf_sparse.merging import ObsOptions, prune_task_vector_obs, reconstruction_error
+
+    x = _correlated_inputs(seed=2)
+    hessian = x.t() @ x / x.shape[0]
+    tau = torch.randn(16, 48, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(prune_task_vector_obs(tau, hessian, 1.0), tau)
+    magnitude = trim_magnitude(tau, 0.2)
+    from hf_sparse.merging import rescale_rows
+
+    rescaled = rescale_rows(tau, magnitude, hessian)
+    assert torch.equal(rescaled != 0, magnitude != 0)
+    assert (
+        reconstruction_error(tau, rescaled, hessian)[0]
+        <= reconstruction_error(tau, magnitude, hessian)[0]
+    )
+    plain = prune_task_vector_obs(tau, hessian, 0.2)
+    scaled = prune_task_vector_obs(tau, hessian, 0.2, ObsOptions(rescale=True))
+    assert reconstruction_error(tau, scaled, hessian)[0] <= reconstruction_error(
+        tau, plain, hessian
+    )[0] * (1 + 1e-6)
+
+
+def test_merge_rules_refuse_bad_input():
+    tvs = task_vectors()
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        merge_task_vectors(tvs, WEIGHTS, "ties", 0.0)
+    with pytest.raises(ValueError, match="2 weights for 3 task vectors"):
+        merge_task_vectors(tvs, WEIGHTS[:2], "ties", 0.5)
+    with pytest.raises(ValueError, match="needs layer-input Hessians"):
+        merge_task_vectors(tvs, WEIGHTS, "sparsegpt_tv", 0.5)
+    with pytest.raises(ValueError, match="unknown merge method"):
+        merge_task_vectors(tvs, WEIGHTS, "slerp", 0.5)
+
+
+def test_normalize_divides_by_the_contributing_weights():
+    tvs = task_vectors()
+    summed = merge_task_vectors(tvs, WEIGHTS, "task_arithmetic")
+    normalized = merge_task_vectors(tvs, WEIGHTS, "task_arithmetic", normalize=True)
+    torch.testing.assert_close(normalized, summed / sum(WEIGHTS))
+    ones = [1.0, 1.0, 1.0]  # with unit weights TIES' count and mergekit's weight sum agree
+    torch.testing.assert_close(
+        merge_task_vectors(tvs, ones, "ties", 0.5, normalize=True),
+        merge_task_vectors(tvs, ones, "ties", 0.5),
+    )

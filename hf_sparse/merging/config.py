@@ -1,0 +1,120 @@
+"""What the user sets for a merge. YAML recipe keys are these field names (mergekit-like)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config_utils import help_field
+from .core import MERGE_METHODS, SIGN_METHODS, check_density, check_merge_method
+
+HESSIAN_MODES = ("per_task", "shared")
+
+
+@dataclass
+class MergeConfig:
+    """How task vectors are sparsified and combined.
+
+    Example (Python)::
+
+        config = MergeConfig(method="sparsegpt_tv", density=0.2, sequential=True)
+        result = merge_(base_model, ["ft_a", "ft_b"], config, calibration=[windows_a, windows_b])
+
+    The same settings in a recipe's ``parameters:`` block:
+    ``{density: 0.2, sequential: true, hessians: per_task}`` with ``merge_method: sparsegpt_tv``.
+    """
+
+    method: str = help_field(
+        f"Merge method: {sorted(MERGE_METHODS)}. sparsegpt_tv prunes each task vector with "
+        "SparseGPT's OBS solver on the layer-input Hessian, then sums; sparsegpt_ties then "
+        "elects signs like TIES.",
+        "ties",
+    )
+    density: float = help_field(
+        "Fraction of each task vector kept, in (0, 1] (a model's own density overrides it).", 1.0
+    )
+    sign_method: str = help_field(
+        f"TIES sign election: {list(SIGN_METHODS)} (sum of values, or majority of signs).",
+        "total",
+    )
+    normalize: bool = help_field(
+        "Divide the merged task vector by the summed weights of the contributing task vectors "
+        "(mergekit's normalize). False = PEFT's convention (TIES divides by the count).",
+        False,
+    )
+    sequential: bool = help_field(
+        "OBS methods: compute each block's Hessians on inputs that went through the already "
+        "merged earlier blocks (True), or all on the base model's inputs (False).",
+        True,
+    )
+    hessians: str = help_field(
+        f"OBS methods: {list(HESSIAN_MODES)}. per_task = each task vector is pruned with the "
+        "Hessian of its own calibration data; shared = one Hessian from all calibration data.",
+        "per_task",
+    )
+    rescale: bool = help_field(
+        "OBS methods: after pruning, scale each row of the kept task vector by the least-squares "
+        "factor that best reproduces X tau.",
+        False,
+    )
+    block_size: int = help_field("OBS methods: columns solved together.", 128)
+    dampening: float = help_field(
+        "OBS methods: fraction of mean(diag H) added to the diagonal before the Cholesky "
+        "(raised tenfold on failure).",
+        0.01,
+    )
+    targets: list[str] | None = help_field(
+        "OBS methods: patterns of the decoder-block linears pruned with their Hessian (roles, "
+        "class names, suffixes, 're:<regex>'); None = all. Other changed tensors (embeddings, "
+        "norms, biases, untargeted linears) are trimmed by magnitude at the same density.",
+        None,
+    )
+    blocks: str | None = help_field(
+        "Dotted path or 're:' pattern of the decoder blocks, for unknown architectures.", None
+    )
+    seed: int = help_field("Seed of DARE's random drops.", 0)
+    check_base: bool = help_field(
+        "Refuse adapters whose recorded base_model_name_or_path differs from the base model.",
+        True,
+    )
+
+    def __post_init__(self) -> None:
+        check_merge_method(self.method)
+        check_density(self.density)
+        if self.sign_method not in SIGN_METHODS:
+            raise ValueError(
+                f"sign_method must be one of {list(SIGN_METHODS)}, got {self.sign_method!r}"
+            )
+        if self.hessians not in HESSIAN_MODES:
+            raise ValueError(
+                f"hessians must be one of {list(HESSIAN_MODES)}, got {self.hessians!r}"
+            )
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.dampening, int | float) or not (
+            math.isfinite(self.dampening) and self.dampening > 0
+        ):
+            raise ValueError(f"dampening must be a positive number, got {self.dampening!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return MERGE_METHODS[self.method].sparsify == "obs"
+
+
+@dataclass
+class MergeSource:
+    """One fine-tuned model or adapter folder, with its weight and (optional) density."""
+
+    model: str = help_field("Folder of a fine-tuned model (save_pretrained) or of an adapter.")
+    weight: float = help_field("Weight of this task vector in the combination.", 1.0)
+    density: float | None = help_field(
+        "Kept fraction of this task vector; None = the merge's density.", None
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float):
+            raise ValueError(f"weight of {self.model} must be a number, got {self.weight!r}")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"weight of {self.model} must be finite, got {self.weight!r}")
+        if self.density is not None:
+            check_density(self.density)
