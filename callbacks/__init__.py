@@ -2,5 +2,6 @@
 
 from .golden import GoldenMaskCallback
 from .pruning import PruningCallback
+from .task_vector import TaskVectorPruneCallback
 
-__all__ = ["GoldenMaskCallback", "PruningCallback"]
+__all__ = ["GoldenMaskCallback", "PruningCallback", "TaskVectorPruneCallback"]

@@ -8,6 +8,7 @@ hf-sparse push FOLDER --repo-id NAMESPACE/NAME
 hf-sparse mask golden MODEL --top-k-percent 5 --num-samples 16 --output-dir DIR
 hf-sparse mask reverse MODEL --target-percent 1 --strategy momentum --output-dir DIR
 hf-sparse mask score MODEL --metric fisher --top-k-percent 1 --scope global --output-dir DIR
+hf-sparse merge recipes/merge-sparsegpt-tv.yaml [--output-dir DIR] [--overwrite]
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .recipes import load_recipe, read_recipe_file
 
     data = read_recipe_file(args.recipe)
+    if "merge_method" in data:
+        return _run_merge_recipe(data, args)
     if "finetune" in data:
         return _run_sft_recipe(data, args)
     if "mask" in data:
@@ -146,6 +149,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = _with_overrides(load_recipe(args.recipe), args)
     result = oneshot(None, recipe, overwrite=args.overwrite)
     _print_metrics(result)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .recipes import read_recipe_file
+
+    return _run_merge_recipe(read_recipe_file(args.recipe), args)
+
+
+def _run_merge_recipe(data: dict, args: argparse.Namespace) -> int:
+    from .merging.pipeline import merge_recipe_from_dict, run_merge_recipe
+
+    recipe = merge_recipe_from_dict(data, where=str(args.recipe))
+    if getattr(args, "model", None):
+        recipe.base_model = args.model
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    run = run_merge_recipe(recipe, overwrite=args.overwrite)
+    metrics = run.metrics
+    lines = [f"method:             {recipe.config.method} at density {recipe.config.density}"]
+    if "base" in metrics:
+        lines.append(f"base perplexity:    {metrics['base']['perplexity']:.3f}")
+    if "merged" in metrics:
+        lines.append(f"merged perplexity:  {metrics['merged']['perplexity']:.3f}")
+    lines.append(f"merged task vector: {100 * metrics['density']:.2f}% non-zero")
+    if "mean_relative_reconstruction_error" in metrics:
+        error = metrics["mean_relative_reconstruction_error"]
+        lines.append(f"mean ||X(tau - tau_pruned)||^2 / ||X tau||^2: {error:.4f}")
+    lines.append(f"merge time:         {metrics['merge_seconds']:.1f} s")
+    if run.output_dir is not None:
+        lines.append(f"saved to:           {run.output_dir} ({recipe.output})")
+    print("\n".join(lines))
     return 0
 
 
@@ -299,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None)
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("merge", help="merge fine-tuned models or adapters per a YAML recipe")
+    p.add_argument("recipe", help="mergekit-like YAML: merge_method, base_model, models, ...")
+    p.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_merge)
 
     _add_mask_parser(sub)
     return parser

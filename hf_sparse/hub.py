@@ -142,3 +142,64 @@ def render_adapter_card(
         recipe=yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(none)",
         repo_id=repo_id,
     )
+
+
+_METHOD_NOTES = {
+    "sparsegpt_tv": "Each task vector was pruned with SparseGPT's OBS solver on the layer-input "
+    "Hessian of calibration data, so the kept entries correct for the dropped ones.",
+    "sparsegpt_ties": "Each task vector was pruned with SparseGPT's OBS solver on the layer-input "
+    "Hessian, then signs were elected as in TIES.",
+    "ties": "TIES: magnitude trim, sign election, disjoint mean.",
+    "dare_ties": "DARE: random drop with rescaling, then TIES sign election.",
+    "dare_linear": "DARE: random drop with rescaling, then a weighted sum.",
+    "task_arithmetic": "Task arithmetic: a weighted sum of the task vectors.",
+    "magnitude_prune": "Magnitude trim, then a weighted sum.",
+}
+
+
+def render_merge_card(
+    results: dict[str, Any],
+    recipe: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    adapter: bool = False,
+    repo_id: str = "<your-namespace>/<model-name>",
+) -> str:
+    """Markdown card of a merged model (or a merged sparse-delta adapter)."""
+    merging = results.get("merging") or {}
+    metrics = results.get("metrics") or {}
+    method = str(merging.get("method", "unknown"))
+    rows = [
+        f"| {m.get('model')} | {m.get('weight')} | {m.get('density')} |"
+        for m in merging.get("models", [])
+    ]
+    if adapter:
+        snippet = (
+            "import hf_sparse  # registers the MASKED_LR PEFT method\n"
+            "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base_model}")\n'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")'
+        )
+    else:
+        snippet = (
+            "from transformers import AutoModelForCausalLM\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")'
+        )
+    density = merging.get("measured_density")
+    return load_template("merged_model.md").safe_substitute(
+        base_model=base_model or "unknown",
+        library_name="peft" if adapter else "transformers",
+        method=method,
+        title=f"{Path(str(base_model or 'model')).name} merged with {method}",
+        kind="A sparse-delta adapter" if adapter else "A model",
+        count=len(rows),
+        density=merging.get("density", "?"),
+        method_note=_METHOD_NOTES.get(method, ""),
+        models_table="\n".join(rows) or "| (none recorded) | | |",
+        load_snippet=snippet,
+        merged_tensors=merging.get("merged_tensors", "?"),
+        measured_density=f"{100 * density:.2f}%" if isinstance(density, float) else "?",
+        base_ppl=_fmt(metrics.get("base", {}).get("perplexity")),
+        merged_ppl=_fmt(metrics.get("merged", {}).get("perplexity")),
+        seconds=_fmt(metrics.get("merge_seconds"), ".1f"),
+        recipe=yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(none)",
+    )

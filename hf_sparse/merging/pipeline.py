@@ -1,0 +1,333 @@
+"""Merge recipes (mergekit-like YAML) and their outputs: a merged model or a merged adapter.
+
+Example (``recipes/merge-sparsegpt-tv.yaml``)::
+
+    merge_method: sparsegpt_tv
+    base_model: smollm2-135m
+    models:
+      - model: ft_alpaca
+        parameters: {weight: 1.0, density: 0.2}
+        calibration: {dataset: alpaca_text.jsonl, num_samples: 32}   # this task's Hessians
+      - model: ft_stories
+        parameters: {weight: 1.0}
+    parameters: {density: 0.2, sequential: true, hessians: per_task}
+    calibration: {dataset: wikitext2, num_samples: 32, sequence_length: 512}  # the default
+    evaluation: {dataset: wikitext2, num_windows: 32}
+    output: full          # or adapter: a sparse-delta (MASKED_LR) adapter on the base
+    output_dir: outputs/merged
+
+Lifecycle of ``run_merge_recipe``: every key, the output folder and every source are checked
+before any tensor is loaded into the merged output; the base is loaded, calibration windows
+are built, ``merge_`` runs, perplexity is measured when asked, and the result is written to a
+temporary folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..config_utils import from_dict, to_dict
+from ..data import calibration_windows, evaluation_windows
+from ..evaluation import perplexity
+from ..io import atomic_output_dir, check_output_dir, write_json_atomic
+from ..models import is_linear
+from ..real_model import KNOWN_MODELS
+from ..recipes import CalibrationConfig, EvaluationConfig, read_recipe_file
+from .config import MergeConfig, MergeSource
+from .merge import MergeResult, merge_
+from .sparse_delta import save_sparse_delta_adapter
+from .task_vectors import check_sources, inspect_source
+
+logger = logging.getLogger(__name__)
+
+MERGE_RECIPE_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "calibration",
+    "evaluation",
+    "output",
+    "output_dir",
+    "dtype",
+)
+MODEL_ENTRY_KEYS = ("model", "parameters", "calibration")
+OUTPUT_KINDS = ("full", "adapter")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESULTS_FILE = "hf_sparse_merge.json"
+RECIPE_FILE = "merge_recipe.yaml"
+
+
+@dataclass
+class MergeRecipe:
+    base_model: str
+    config: MergeConfig
+    sources: list[MergeSource]
+    calibration: CalibrationConfig | None = None
+    task_calibration: list[CalibrationConfig | None] = field(default_factory=list)
+    evaluation: EvaluationConfig | None = None
+    output: str = "full"
+    output_dir: str | None = None
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        parameters = to_dict(self.config)
+        method = parameters.pop("method")
+        models = []
+        for source, calibration in zip(self.sources, self.task_calibration, strict=True):
+            entry: dict[str, Any] = {"model": source.model, "parameters": {"weight": source.weight}}
+            if source.density is not None:
+                entry["parameters"]["density"] = source.density
+            if calibration is not None:
+                entry["calibration"] = to_dict(calibration)
+            models.append(entry)
+        return {
+            "merge_method": method,
+            "base_model": self.base_model,
+            "models": models,
+            "parameters": parameters,
+            "calibration": to_dict(self.calibration) if self.calibration else None,
+            "evaluation": to_dict(self.evaluation) if self.evaluation else None,
+            "output": self.output,
+            "output_dir": self.output_dir,
+            "dtype": self.dtype,
+        }
+
+
+def _unknown(values: dict, valid: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {list(valid)}")
+
+
+def merge_recipe_from_dict(data: dict[str, Any], where: str = "merge recipe") -> MergeRecipe:
+    """Build and check a merge recipe (unknown keys, methods, densities, weights, outputs)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping with keys {list(MERGE_RECIPE_KEYS)}")
+    _unknown(data, MERGE_RECIPE_KEYS, where)
+    for key in ("merge_method", "base_model", "models"):
+        if not data.get(key):
+            raise ValueError(f"{where} needs `{key}:` (valid keys: {list(MERGE_RECIPE_KEYS)})")
+    parameters = dict(data.get("parameters") or {})
+    if "method" in parameters:
+        raise ValueError(f"{where}: set the method with `merge_method:`, not parameters.method")
+    config = from_dict(MergeConfig, {"method": data["merge_method"], **parameters}, "parameters")
+    models = data["models"]
+    if not isinstance(models, list):
+        raise ValueError(f"{where}: `models:` must be a list of {{model: ..., parameters: ...}}")
+    sources, task_calibration = [], []
+    for index, entry in enumerate(models):
+        entry = {"model": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ValueError(f"{where}: models[{index}] needs `model:` (a folder)")
+        _unknown(entry, MODEL_ENTRY_KEYS, f"{where} models[{index}]")
+        params = entry.get("parameters") or {}
+        _unknown(params, ("weight", "density"), f"{where} models[{index}].parameters")
+        sources.append(MergeSource(model=str(entry["model"]), **params))
+        cal = entry.get("calibration")
+        task_calibration.append(
+            from_dict(CalibrationConfig, cal, f"models[{index}].calibration") if cal else None
+        )
+    calibration = data.get("calibration")
+    calibration = from_dict(CalibrationConfig, calibration, "calibration") if calibration else None
+    if config.needs_calibration and calibration is None and None in task_calibration:
+        raise ValueError(
+            f"{config.method} needs calibration data for its Hessians: add a `calibration:` "
+            "block (e.g. {dataset: wikitext2, num_samples: 32}) or one per model"
+        )
+    evaluation = data.get("evaluation")
+    output = data.get("output", "full")
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"output must be one of {list(OUTPUT_KINDS)}, got {output!r}")
+    dtype = data.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return MergeRecipe(
+        base_model=str(data["base_model"]),
+        config=config,
+        sources=sources,
+        calibration=calibration,
+        task_calibration=task_calibration,
+        evaluation=from_dict(EvaluationConfig, evaluation, "evaluation") if evaluation else None,
+        output=output,
+        output_dir=data.get("output_dir"),
+        dtype=dtype,
+    )
+
+
+def load_merge_recipe(path: str | os.PathLike) -> MergeRecipe:
+    return merge_recipe_from_dict(read_recipe_file(path), where=str(path))
+
+
+@dataclass
+class MergeRun:
+    result: MergeResult
+    metrics: dict[str, Any]
+    output_dir: Path | None
+
+
+def _calibration_streams(recipe: MergeRecipe, tokenizer) -> list[torch.Tensor] | None:
+    if not recipe.config.needs_calibration:
+        return None
+    streams = []
+    for own in recipe.task_calibration:
+        cal = own or recipe.calibration
+        streams.append(
+            calibration_windows(
+                tokenizer,
+                cal.dataset,
+                cal.num_samples,
+                cal.sequence_length,
+                cal.seed,
+                cal.text_field,
+            )
+        )
+    if all(c is None for c in recipe.task_calibration):
+        return streams[:1]  # one shared set
+    return streams
+
+
+def run_merge_recipe(
+    recipe: MergeRecipe,
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> MergeRun:
+    """Load the base, merge the recipe's models into it, evaluate and save (atomically)."""
+    from ..pipeline import load_model_and_tokenizer
+
+    output_dir = output_dir if output_dir is not None else recipe.output_dir
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    infos = [inspect_source(s.model) for s in recipe.sources]  # fails early on bad folders
+    model, tokenizer = load_model_and_tokenizer(recipe.base_model, DTYPES[recipe.dtype])
+    check_sources(model, infos, recipe.base_model, recipe.config.check_base)
+    streams = _calibration_streams(recipe, tokenizer)
+    metrics: dict[str, Any] = {}
+    eval_windows = None
+    if recipe.evaluation is not None:
+        ev = recipe.evaluation
+        eval_windows = evaluation_windows(
+            tokenizer, ev.dataset, ev.sequence_length, ev.num_windows, ev.text_field
+        )
+        metrics["base"] = perplexity(model, eval_windows, ev.batch_size, show_progress).to_dict()
+    calibration = recipe.calibration or next((c for c in recipe.task_calibration if c), None)
+    batch_size = calibration.batch_size if calibration is not None else 8
+    result = merge_(
+        model,
+        recipe.sources,
+        recipe.config,
+        calibration=streams,
+        batch_size=batch_size,
+        base_name=recipe.base_model,
+        show_progress=show_progress,
+    )
+    metrics["merge_seconds"] = round(result.seconds, 2)
+    metrics["density"] = result.density
+    if result.mean_layer_error is not None:
+        metrics["mean_relative_reconstruction_error"] = result.mean_layer_error
+    if eval_windows is not None:
+        metrics["merged"] = perplexity(
+            model, eval_windows, recipe.evaluation.batch_size, show_progress
+        ).to_dict()
+    saved = None
+    if output_dir is not None:
+        if recipe.output == "adapter":
+            base, _ = load_model_and_tokenizer(recipe.base_model, DTYPES[recipe.dtype])
+            saved = save_merged_adapter(
+                base, tokenizer, result, output_dir, recipe.to_dict(), metrics, overwrite
+            )
+        else:
+            saved = save_merged_model(
+                model, tokenizer, result, output_dir, recipe.to_dict(), metrics, overwrite
+            )
+    return MergeRun(result, metrics, saved)
+
+
+def _base_name(model: nn.Module) -> str | None:
+    name = getattr(model, "name_or_path", None)
+    return KNOWN_MODELS[name].hub_id if name in KNOWN_MODELS else name
+
+
+def _results(result: MergeResult, metrics: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    return {
+        "base_model": _base_name(model),
+        "merging": getattr(result.model.config, "merging", None),
+        "metrics": metrics,
+        "layer_errors": result.layer_errors,
+    }
+
+
+def save_merged_model(
+    model: nn.Module,
+    tokenizer,
+    result: MergeResult,
+    output_dir: str | os.PathLike,
+    recipe: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """The merged model as a plain ``from_pretrained`` folder (safetensors, a ``merging`` block
+    in config.json), with the recipe, results and a model card."""
+    from ..hub import render_merge_card
+
+    results = _results(result, metrics or {}, model)
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(results, tmp / RESULTS_FILE)
+        if recipe is not None:
+            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        (tmp / "README.md").write_text(render_merge_card(results, recipe, results["base_model"]))
+    logger.info("saved merged model to %s", output_dir)
+    return Path(output_dir)
+
+
+def check_adapter_deltas(base: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    """A sparse-delta adapter holds deltas of linear weights only."""
+    modules = dict(base.named_modules())
+    others = [
+        name
+        for name in deltas
+        if not (name.endswith(".weight") and is_linear(modules.get(name[: -len(".weight")])))
+    ]
+    if others:
+        raise ValueError(
+            f"an adapter output can carry deltas of linear weights only, but the merge changed "
+            f"{others[:4]}{' ...' if len(others) > 4 else ''}; use `output: full`"
+        )
+
+
+def save_merged_adapter(
+    base: nn.Module,
+    tokenizer,
+    result: MergeResult,
+    output_dir: str | os.PathLike,
+    recipe: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """The merged task vector as a sparse-delta (``MASKED_LR``) adapter on the unmerged
+    ``base``: ``PeftModel.from_pretrained(base, dir)`` (after ``import hf_sparse``) gives the
+    merged model's weights."""
+    from ..hub import render_merge_card
+
+    check_adapter_deltas(base, result.deltas)
+    results = _results(result, metrics or {}, base)
+    files = {"README.md": render_merge_card(results, recipe, results["base_model"], adapter=True)}
+    if recipe is not None:
+        files[RECIPE_FILE] = yaml.safe_dump(recipe, sort_keys=False)
+    saved = save_sparse_delta_adapter(
+        base, result.deltas, output_dir, overwrite, results, files, tokenizer, RESULTS_FILE
+    )
+    logger.info("saved merged sparse-delta adapter to %s", output_dir)
+    return saved

@@ -1,0 +1,104 @@
+"""TaskVectorPruneCallback in real Trainer runs on tiny models (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model, make_token_windows
+from hf_sparse.callbacks import TaskVectorPruneCallback
+from peft import PeftModel
+from transformers import Trainer, TrainingArguments
+
+import hf_sparse  # noqa: F401  (registers MASKED_LR)
+
+
+def examples(n: int = 16, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": w, "labels": w.clone()} for w in make_token_windows(n=n, length=length)]
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+@pytest.mark.parametrize(
+    ("arch", "method"),
+    [("llama", "sparsegpt_tv"), ("gpt2", "sparsegpt_tv"), ("llama", "magnitude")],
+)
+def test_pruned_delta_adapter_loads_on_the_base(tmp_path, arch, method):
+    base = build_tiny_model(arch)
+    model = build_tiny_model(arch)
+    callback = TaskVectorPruneCallback(density=0.25, method=method, calibration_samples=8)
+    Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=examples(), callbacks=[callback]
+    ).train()
+    folder = tmp_path / "pruned_task_vector"
+    assert (folder / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(build_tiny_model(arch), folder).merge_and_unload()
+    trained = dict(model.named_parameters())
+    base_params = dict(base.named_parameters())
+    checked = 0
+    for name, param in loaded.named_parameters():
+        delta = param.detach() - base_params[name]
+        full = trained[name].detach() - base_params[name]
+        if name.removesuffix(".weight") in callback.base_weights:
+            kept = (delta != 0).float().mean().item()
+            assert kept == pytest.approx(0.25, abs=0.03), name
+            if method == "magnitude":  # the kept entries are the trained ones, unchanged
+                torch.testing.assert_close(delta[delta != 0], full[delta != 0])
+            checked += 1
+        else:
+            assert torch.equal(param, base_params[name]), name
+    assert checked == len(callback.base_weights) > 0
+    summary = json.loads((folder / "task_vector_pruning.json").read_text())
+    assert summary["method"] == method and summary["density"] == 0.25
+    if method == "sparsegpt_tv":
+        assert 0 < summary["mean_relative_output_error"] < 1
+
+
+def test_apply_to_model_writes_base_plus_pruned_delta(tmp_path):
+    base = build_tiny_model("llama")
+    model = build_tiny_model("llama")
+    callback = TaskVectorPruneCallback(
+        density=0.5, targets=["down"], calibration_samples=4, apply_to_model=True
+    )
+    Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=examples(), callbacks=[callback]
+    ).train()
+    base_params = dict(base.named_parameters())
+    for name, param in model.named_parameters():
+        if "down_proj" in name:
+            share = ((param - base_params[name]) != 0).float().mean().item()
+            assert share == pytest.approx(0.5, abs=0.02)
+
+
+def test_bad_settings_and_resume_without_base_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        TaskVectorPruneCallback(density=1.5)
+    with pytest.raises(ValueError, match="must be one of"):
+        TaskVectorPruneCallback(method="dare")
+    model = build_tiny_model("llama")
+    args = training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
+    Trainer(model=model, args=args, train_dataset=examples()).train()
+    callback = TaskVectorPruneCallback(density=0.5, method="magnitude")
+    trainer = Trainer(
+        model=build_tiny_model("llama"),
+        args=training_args(tmp_path, max_steps=4),
+        train_dataset=examples(),
+        callbacks=[callback],
+    )
+    with pytest.raises(ValueError, match="resumes from a checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
