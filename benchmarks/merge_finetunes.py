@@ -93,7 +93,9 @@ def finetune(args: argparse.Namespace, domain: str, out: Path) -> dict:
     model.train()
     start, losses = time.perf_counter(), []
     for step in range(args.steps):
-        starts = torch.randint(0, train_ids.numel() - args.seq_len, (args.batch,), generator=generator)
+        starts = torch.randint(
+            0, train_ids.numel() - args.seq_len, (args.batch,), generator=generator
+        )
         batch = torch.stack([train_ids[s : s + args.seq_len] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
