@@ -9,6 +9,8 @@ writes to OUT_DIR:
   sparsegpt.safetensors / wanda.safetensors   pruned state_dict + ``mask.<linear>`` tensors
   importance.safetensors                      all-reduced importance scores
                                               (``<metric>.<parameter>``)
+  merge.safetensors                           SparseGPT-TV merged state_dict (per-task
+                                              Hessians, sequential)
   stats.safetensors                           all-reduced block-0 statistics
                                               (``xtx.<linear>``, ``sq_norms.<linear>``,
                                               ``tokens.<linear>``)
@@ -69,6 +71,33 @@ def importance_scores(calibration: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+def task_vectors() -> list[dict[str, torch.Tensor]]:
+    """Two seeded in-memory task vectors on every block linear of the tiny model."""
+    model = build_model()
+    names = [f"{n}.weight" for g in target_linears(model).values() for n in g]
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(7)
+    return [
+        {n: torch.randn(params[n].shape, generator=generator) * 0.02 for n in names}
+        for _ in range(2)
+    ]
+
+
+def merge_state(streams: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SparseGPT-TV, sequential, per-task Hessians (one calibration stream per task)."""
+    from hf_sparse.merging import MergeConfig, merge_
+
+    model = build_model()
+    config = MergeConfig("sparsegpt_tv", density=0.3, sequential=True, hessians="per_task")
+    merge_(model, task_vectors(), config, calibration=streams, batch_size=BATCH_SIZE,
+           show_progress=False)  # fmt: skip
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def merge_streams() -> list[torch.Tensor]:
+    return [make_token_windows(VOCAB, N_WINDOWS, SEQ_LEN, seed=s) for s in (11, 12)]
+
+
 def block0_stats(calibration: torch.Tensor) -> dict[str, torch.Tensor]:
     """X^T X and squared column norms at the inputs of block 0's linears (all-reduced)."""
     model = build_model()
@@ -107,6 +136,7 @@ def main(out_dir: str) -> None:
     results = {name: prune_state(name, shard) for name in CONFIGS}
     stats = block0_stats(shard)
     scores = importance_scores(shard)
+    merged = merge_state([shard_for_rank(w, rank, world) for w in merge_streams()])
     if rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +144,7 @@ def main(out_dir: str) -> None:
             save_file(state, str(out / f"{name}.safetensors"))
         save_file(stats, str(out / "stats.safetensors"))
         save_file(scores, str(out / "importance.safetensors"))
+        save_file(merged, str(out / "merge.safetensors"))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group
 

@@ -51,6 +51,7 @@ def single_process() -> dict[str, dict[str, torch.Tensor]]:
     results = {name: script.prune_state(name, windows) for name in script.CONFIGS}
     results["stats"] = script.block0_stats(windows)
     results["importance"] = script.importance_scores(windows)
+    results["merge"] = script.merge_state(script.merge_streams())
     return results
 
 
@@ -113,3 +114,11 @@ def test_world_size_without_process_group_fails_clearly(monkeypatch):
         prune_(model, WandaConfig(sparsity=0.5), script.calibration_set(), show_progress=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed_world() == (0, 1)
+
+
+def test_sparsegpt_tv_merge_on_two_processes_matches_one(two_process_run, single_process):
+    distributed = load_file(str(two_process_run / "merge.safetensors"))
+    single = single_process["merge"]
+    assert distributed.keys() == single.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(distributed[name], value, rtol=0, atol=1e-5, msg=name)
