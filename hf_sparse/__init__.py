@@ -10,6 +10,7 @@ Quick use::
 from .data import calibration_windows, evaluation_windows
 from .evaluation import perplexity, sparsity_report
 from .masked_lr import MaskedAdamW, MaskedLRConfig, get_masked_lr_model  # registers MASKED_LR
+from .merging import MergeConfig, merge_
 from .pipeline import oneshot, save_pruned
 from .pruning import (
     MagnitudeConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "MagnitudeConfig",
     "MaskedAdamW",
     "MaskedLRConfig",
+    "MergeConfig",
     "PruningConfig",
     "SparseGPTConfig",
     "WandaConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "fetch_model",
     "get_masked_lr_model",
     "load_recipe",
+    "merge_",
     "obs_prune",
     "oneshot",
     "perplexity",
