@@ -1,0 +1,141 @@
+"""Analysis building blocks: perturbations undo exactly, controls, stability, breakdowns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_sparse.analysis import (
+    EffectProbe,
+    breakdown,
+    component_of,
+    jaccard_matrix,
+    layer_of,
+    perturbed,
+    random_entries,
+    resolve_count,
+    spearman,
+    spearman_matrix,
+    top_k_entries,
+)
+from hf_sparse.masked import ParameterMasks
+from tests.conftest import build_tiny_model, make_token_windows
+
+NAME = "model.layers.1.mlp.down_proj.weight"
+
+
+def _mask(model, density=0.1, seed=0):
+    weight = dict(model.named_parameters())[NAME]
+    generator = torch.Generator().manual_seed(seed)
+    return {NAME: torch.rand(weight.shape, generator=generator) < density}
+
+
+@pytest.mark.parametrize(
+    ("kind", "strength"), [("zero", 1.0), ("sign_flip", 1.0), ("scale", 3.0), ("noise", 0.5)]
+)
+def test_perturbations_change_only_the_chosen_entries_and_undo_exactly(kind, strength):
+    model = build_tiny_model("llama")
+    masks = _mask(model)
+    weight = dict(model.named_parameters())[NAME]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    original = weight.detach().clone()
+    mask = masks[NAME]
+    with perturbed(model, masks, kind, strength, seed=1):
+        inside = weight.detach()[mask]
+        assert torch.equal(weight.detach()[~mask], original[~mask])
+        expected = {
+            "zero": torch.zeros_like(inside),
+            "sign_flip": -original[mask],
+            "scale": 3.0 * original[mask],
+        }
+        if kind in expected:
+            torch.testing.assert_close(inside, expected[kind])
+        else:
+            spread = (inside - original[mask]).std() / original.std()
+            assert spread == pytest.approx(0.5, rel=0.25)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_bad_perturbations_are_refused_before_any_change():
+    model = build_tiny_model("llama")
+    with (
+        pytest.raises(ValueError, match="unknown perturbation 'blur'"),
+        perturbed(model, _mask(model), "blur"),
+    ):
+        pass
+    missing = {"model.layers.9.nothing.weight": torch.ones(2, 2, dtype=bool)}
+    with pytest.raises((KeyError, ValueError), match="nothing"), perturbed(model, missing):
+        pass
+
+
+def test_counts_top_bottom_and_random_controls():
+    scores = {"a": torch.arange(10.0), "b": torch.arange(10.0, 16.0).reshape(2, 3)}
+    assert resolve_count(3, 16) == 3 and resolve_count(25.0, 16) == 4
+    with pytest.raises(ValueError, match="selected parameters hold 16"):
+        resolve_count(17, 16)
+    top = top_k_entries(scores, 4)
+    assert top["b"].sum() == 4 and top["a"].sum() == 0
+    bottom = top_k_entries(scores, 2, largest=False)
+    assert bottom["a"][:2].all() and bottom.count() == 2
+    shapes = {n: s.shape for n, s in scores.items()}
+    control = random_entries(shapes, 4, seed=0, exclude=top)
+    assert control.count() == 4 and not (control & top).count()
+    assert random_entries(shapes, 4, seed=0).count() == 4
+    assert not torch.equal(
+        random_entries(shapes, 4, seed=0)["a"], random_entries(shapes, 4, seed=1)["a"]
+    ) or not torch.equal(
+        random_entries(shapes, 4, seed=0)["b"], random_entries(shapes, 4, seed=1)["b"]
+    )
+
+
+def test_jaccard_and_spearman_against_direct_formulas():
+    a = ParameterMasks({"x": torch.tensor([1, 1, 0, 0, 1], dtype=torch.bool)})
+    b = ParameterMasks({"x": torch.tensor([1, 0, 0, 1, 1], dtype=torch.bool)})
+    matrix = jaccard_matrix([a, b, a])
+    assert matrix[0, 1] == pytest.approx(2 / 4) and matrix[0, 2] == 1.0
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    y = torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0])  # d^2 sum = 4 -> 1 - 6*4/(5*24) = 0.8
+    assert spearman(x, y) == pytest.approx(0.8)
+    ties = torch.tensor([1.0, 1.0, 2.0, 3.0])
+    # scipy.stats.spearmanr([1,1,2,3],[1,2,3,4]) = 0.9486832980505138
+    assert spearman(ties, torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(0.9486833, abs=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    s1 = {"w": torch.rand(100, 100, generator=generator)}
+    s2 = {"w": s1["w"] + 0.01 * torch.rand(100, 100, generator=generator)}
+    full = spearman_matrix([s1, s2])
+    sub = spearman_matrix([s1, s2], max_entries=2000)
+    assert float(full[0, 1]) > 0.99
+    assert float(sub[0, 1]) == pytest.approx(float(full[0, 1]), abs=0.01)
+
+
+def test_breakdown_by_component_and_depth():
+    model = build_tiny_model("llama")
+    scores = {n: p.detach().abs() for n, p in model.named_parameters()}
+    assert component_of("model.layers.3.self_attn.q_proj.weight") == "q"
+    assert component_of("model.embed_tokens.weight") == "embeddings"
+    assert component_of("model.layers.0.input_layernorm.weight") == "norms"
+    assert component_of("transformer.h.0.ln_1.weight") == "norms"
+    assert component_of("transformer.wte.weight") == "embeddings"
+    assert (
+        layer_of("model.layers.12.mlp.up_proj.weight") == 12 and layer_of("lm_head.weight") is None
+    )
+    top = top_k_entries(scores, 50)
+    table = breakdown(scores, top)
+    assert sum(v["top"] for v in table["component"].values()) == 50
+    assert sum(v["share_of_top"] for v in table["component"].values()) == pytest.approx(1.0)
+    assert set(table["layer"]) == {"0", "1"}
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(v["parameters"] for v in table["component"].values()) == total
+
+
+def test_effect_probe_baseline_and_perturbed():
+    model = build_tiny_model("llama")
+    probe = EffectProbe(model, make_token_windows(n=4, length=16))
+    assert probe.baseline.kl == pytest.approx(0.0, abs=1e-9)
+    assert 1 < probe.baseline.perplexity < 1e4
+    with perturbed(model, _mask(model, 0.5), "zero"):
+        effect = probe.measure()
+    assert effect.kl > 1e-6 and effect.perplexity != probe.baseline.perplexity
+    assert probe.measure().kl == pytest.approx(0.0, abs=1e-9)
