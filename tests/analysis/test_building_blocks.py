@@ -139,3 +139,34 @@ def test_effect_probe_baseline_and_perturbed():
         effect = probe.measure()
     assert effect.kl > 1e-6 and effect.perplexity != probe.baseline.perplexity
     assert probe.measure().kl == pytest.approx(0.0, abs=1e-9)
+
+
+def test_perturbation_study_top_k_hurts_more_than_its_controls():
+    from hf_sparse.analysis.perturbation_study import Target, perturbation_study
+
+    model = build_tiny_model("llama")
+    scores = {n: p.detach().abs() for n, p in model.named_parameters() if "layers" in n}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    windows = make_token_windows(n=4, length=16)
+    points = perturbation_study(
+        model,
+        scores,
+        windows,
+        ks=[64, 2.0],
+        perturbations=[("zero", 1.0), ("scale", 10.0)],
+        targets=[Target(), Target(components=("mlp",), layers=(1, 1))],
+        control_seeds=2,
+        show_progress=False,
+    )
+    assert len(points) == 2 * 2 * 2
+    assert all(len(p.random_runs) == 2 for p in points)
+    scaled = [p for p in points if p.kind == "scale"]
+    # scaling the largest weights tenfold hurts more than scaling random or the smallest ones
+    assert all(p.top["kl"] > p.random_mean["kl"] > p.bottom["kl"] for p in scaled)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="components present in this architecture"):
+        perturbation_study(model, scores, windows, [4], targets=[Target(components=("fc1",))])
+    with pytest.raises(ValueError, match="unknown component 'ffn'"):
+        perturbation_study(model, scores, windows, [4], targets=[Target(components=("ffn",))])
+    with pytest.raises(ValueError, match="choose 1 <= k"):
+        perturbation_study(model, scores, windows, [10**9])
