@@ -1,0 +1,123 @@
+"""Track which weights are critical while a model trains, and how much that set drifts.
+
+Lifecycle:
+  on_train_begin   fix the probe samples (the first ``num_samples`` training samples, padding
+                   removed) so every snapshot scores the same inputs; snapshot step 0
+  on_step_end      at the chosen steps (``steps`` or every ``every`` steps), score the selected
+                   parameters with ``metric`` and keep the top-k set (packed on CPU) and a
+                   seeded subsample of the scores
+  on_train_end     Jaccard overlap of the top-k sets and Spearman correlation of the scores
+                   between every pair of snapshots, written to
+                   ``<output_dir>/sensitivity_drift.json``; ``drift`` holds the same in memory
+
+Example::
+
+    callback = SensitivityCallback(metric="fisher", top_k=1.0, every=50)
+    Trainer(model, args, train_dataset=ds, callbacks=[callback]).train()
+    callback.drift["jaccard_to_first"]   # overlap of each snapshot's top-1% with step 0's
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from hf_sparse.analysis import jaccard_matrix, resolve_count, spearman_matrix, top_k_entries
+from hf_sparse.importance import IMPORTANCE_METRICS, as_samples, compute_importance
+from hf_sparse.io import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+DRIFT_FILE = "sensitivity_drift.json"
+
+
+class SensitivityCallback(TrainerCallback):
+    def __init__(
+        self,
+        metric: str = "magnitude",
+        top_k: int | float = 1.0,
+        steps: list[int] | None = None,
+        every: int | None = None,
+        num_samples: int = 8,
+        params: list[str] | str | None = None,
+        spearman_entries: int = 1_000_000,
+    ) -> None:
+        """``top_k``: a count (int) or a percentage (float) of the selected entries; ``steps``:
+        global steps to snapshot (0 = before training), or ``every`` N steps."""
+        if metric not in IMPORTANCE_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; valid: {sorted(IMPORTANCE_METRICS)}")
+        if steps is None and every is None:
+            raise ValueError("choose when to snapshot: steps=[...] or every=N")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        if steps is not None and any(not isinstance(s, int) or s < 0 for s in steps):
+            raise ValueError(f"steps must be non-negative integers, got {steps!r}")
+        self.metric, self.top_k, self.params = metric, top_k, params
+        self.steps, self.every, self.num_samples = set(steps or []), every, num_samples
+        self.spearman_entries = spearman_entries
+        self.samples: list[dict] = []
+        self.snapshots: dict[int, tuple] = {}  # step -> (top-k masks, subsampled scores)
+        self.drift: dict | None = None
+
+    def _due(self, step: int) -> bool:
+        return step in self.steps or (self.every is not None and step % self.every == 0)
+
+    def _snapshot(self, model, step: int) -> None:
+        was_training = model.training
+        try:
+            scores = compute_importance(
+                model, self.samples, self.metric, self.params, show_progress=False
+            )
+        finally:
+            model.train(was_training)
+        total = sum(s.numel() for s in scores.values())
+        count = resolve_count(self.top_k, total, "top_k")
+        masks = top_k_entries(scores, count)
+        flat = torch.cat([s.reshape(-1) for s in scores.values()])
+        if flat.numel() > self.spearman_entries:
+            generator = torch.Generator().manual_seed(0)  # the same positions at every step
+            flat = flat[torch.randperm(flat.numel(), generator=generator)[: self.spearman_entries]]
+        self.snapshots[step] = (masks, {"scores": flat})
+        logger.info("sensitivity snapshot at step %d: top-%d of %d entries", step, count, total)
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if train_dataloader is None:
+            raise ValueError("SensitivityCallback needs the train dataloader for its samples")
+        for batch in train_dataloader:
+            self.samples.extend(as_samples([batch]))
+            if len(self.samples) >= self.num_samples:
+                break
+        self.samples = self.samples[: self.num_samples]
+        if not self.samples:
+            raise ValueError("the train dataloader is empty: no samples to score")
+        if self._due(state.global_step):
+            self._snapshot(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._due(state.global_step) and state.global_step not in self.snapshots:
+            self._snapshot(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        steps = sorted(self.snapshots)
+        if len(steps) < 2:
+            logger.warning("fewer than two sensitivity snapshots: no drift to report")
+            return
+        masks = [self.snapshots[s][0] for s in steps]
+        scores = [self.snapshots[s][1] for s in steps]
+        jaccard = jaccard_matrix(masks)
+        spearman = spearman_matrix(scores, max_entries=self.spearman_entries)
+        self.drift = {
+            "metric": self.metric,
+            "top_k": self.top_k,
+            "steps": steps,
+            "jaccard": jaccard.tolist(),
+            "spearman": spearman.tolist(),
+            "jaccard_to_first": jaccard[0].tolist(),
+            "jaccard_to_previous": [1.0] + [float(jaccard[i, i - 1]) for i in range(1, len(steps))],
+        }
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.drift, Path(args.output_dir) / DRIFT_FILE)
