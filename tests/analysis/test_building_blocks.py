@@ -170,3 +170,32 @@ def test_perturbation_study_top_k_hurts_more_than_its_controls():
         perturbation_study(model, scores, windows, [4], targets=[Target(components=("ffn",))])
     with pytest.raises(ValueError, match="choose 1 <= k"):
         perturbation_study(model, scores, windows, [10**9])
+
+
+@pytest.mark.parametrize("method", ["kmeans", "dbscan"])
+def test_clustering_separates_distinct_profiles(method):
+    from hf_sparse.analysis.clustering import cluster_profiles, profiles, summarise_clusters
+
+    generator = torch.Generator().manual_seed(0)
+    scores = {}
+    for layer in range(6):  # attention tensors tiny scores, MLP tensors large ones
+        scores[f"model.layers.{layer}.self_attn.q_proj.weight"] = (
+            torch.rand(8, 8, generator=generator) * 1e-3
+        )
+        scores[f"model.layers.{layer}.mlp.up_proj.weight"] = (
+            torch.rand(8, 8, generator=generator) * 10
+        )
+    top = top_k_entries(scores, 64)
+    labels, features = profiles(scores, top)
+    assert features.shape == (12, 4)
+    ids = cluster_profiles(features, method, n_clusters=2, eps=1.5, min_samples=2)
+    q_ids = {int(ids[i]) for i, n in enumerate(labels) if "q_proj" in n}
+    up_ids = {int(ids[i]) for i, n in enumerate(labels) if "up_proj" in n}
+    assert len(q_ids) == 1 and len(up_ids) == 1 and q_ids != up_ids
+    summary = summarise_clusters(labels, features, ids)
+    assert sorted(s["size"] for s in summary) == [6, 6]
+    assert {tuple(s["components"]) for s in summary} == {("q",), ("up",)}
+    rows, row_features = profiles(scores, top, level="row")
+    assert row_features.shape == (12 * 8, 4) and rows[0].endswith("[0]")
+    with pytest.raises(ValueError, match="clustering method must be one of"):
+        cluster_profiles(features, "spectral")
