@@ -180,10 +180,10 @@ def test_clustering_separates_distinct_profiles(method):
     scores = {}
     for layer in range(6):  # attention tensors tiny scores, MLP tensors large ones
         scores[f"model.layers.{layer}.self_attn.q_proj.weight"] = (
-            torch.rand(8, 8, generator=generator) * 1e-3
+            torch.rand(32, 32, generator=generator) * 1e-3
         )
         scores[f"model.layers.{layer}.mlp.up_proj.weight"] = (
-            torch.rand(8, 8, generator=generator) * 10
+            torch.rand(32, 32, generator=generator) * 10
         )
     top = top_k_entries(scores, 64)
     labels, features = profiles(scores, top)
@@ -196,6 +196,6 @@ def test_clustering_separates_distinct_profiles(method):
     assert sorted(s["size"] for s in summary) == [6, 6]
     assert {tuple(s["components"]) for s in summary} == {("q",), ("up",)}
     rows, row_features = profiles(scores, top, level="row")
-    assert row_features.shape == (12 * 8, 4) and rows[0].endswith("[0]")
+    assert row_features.shape == (12 * 32, 4) and rows[0].endswith("[0]")
     with pytest.raises(ValueError, match="clustering method must be one of"):
         cluster_profiles(features, "spectral")
