@@ -2,8 +2,11 @@
 random and bottom-k controls, stability (Jaccard, Spearman) across seeds / inputs /
 checkpoints, and per-component / per-depth breakdowns.
 
-So far the building blocks on tensors and models; the study runner, clustering, downstream
-tasks, plots, report, callback and CLI are still to come (issue 4).
+So far: the building blocks, the perturbation study with controls
+(``perturbation_study``), clustering of sensitivity profiles (``clustering``), lm-eval on local
+LAMBADA / HellaSwag (``downstream``) and ``hf_sparse.callbacks.SensitivityCallback``. The
+one-command study (``hf-sparse analyze``), plots, the HTML report and the recipe are still to
+come (issue 4).
 """
 
 from .breakdown import COMPONENTS, breakdown, component_of, layer_of
