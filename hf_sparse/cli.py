@@ -9,6 +9,8 @@ hf-sparse mask golden MODEL --top-k-percent 5 --num-samples 16 --output-dir DIR
 hf-sparse mask reverse MODEL --target-percent 1 --strategy momentum --output-dir DIR
 hf-sparse mask score MODEL --metric fisher --top-k-percent 1 --scope global --output-dir DIR
 hf-sparse merge recipes/merge-sparsegpt-tv.yaml [--output-dir DIR] [--overwrite]
+hf-sparse analyze recipes/critical-weights.yaml
+hf-sparse analyze MODEL --metric fisher --top-k 1000 --output-dir DIR
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = read_recipe_file(args.recipe)
     if "merge_method" in data:
         return _run_merge_recipe(data, args)
+    if "analysis" in data:
+        return _run_analysis(data, args)
     if "finetune" in data:
         return _run_sft_recipe(data, args)
     if "mask" in data:
@@ -149,6 +153,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = _with_overrides(load_recipe(args.recipe), args)
     result = oneshot(None, recipe, overwrite=args.overwrite)
     _print_metrics(result)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .recipes import read_recipe_file
+
+    if args.target.endswith((".yaml", ".yml")):
+        return _run_analysis(read_recipe_file(args.target), args)
+    analysis: dict = {"metric": args.metric, "mode": args.mode}
+    if args.top_k is not None and args.top_k_percent is not None:
+        raise ValueError("give --top-k (a count) or --top-k-percent, not both")
+    if args.top_k is not None:
+        analysis["top_k"] = args.top_k
+    elif args.top_k_percent is not None:
+        analysis["top_k"] = float(args.top_k_percent)
+    for key in ("num_samples", "dataset"):
+        if getattr(args, key) is not None:
+            analysis[key] = getattr(args, key)
+    data = {"model": args.target, "analysis": analysis, "output_dir": args.output_dir}
+    return _run_analysis(data, args)
+
+
+def _run_analysis(data: dict, args: argparse.Namespace) -> int:
+    from .analysis.pipeline import analysis_recipe_from_dict, run_analysis_recipe
+
+    recipe = analysis_recipe_from_dict(data, where=str(getattr(args, "recipe", "command line")))
+    if getattr(args, "model", None):
+        recipe.model = args.model
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    study = run_analysis_recipe(recipe, overwrite=args.overwrite)
+    results = study["results"]
+    print(f"dense perplexity:  {results['dense']['perplexity']:.3f}")
+    for point in results["points"]:
+        mean, std = point["random_mean"]["perplexity"], point["random_std"]["perplexity"]
+        print(
+            f"{point['kind']} x{point['strength']:g} top-{point['k']} ({point['target']}): "
+            f"{point['top']['perplexity']:.3f} vs random {mean:.3f} +- {std:.3f}, "
+            f"bottom {point['bottom']['perplexity']:.3f}"
+        )
+    worst = (results.get("single_weights") or {}).get("worst")
+    if worst:
+        print(
+            f"most damaging single weight: {worst['parameter']}{worst['index']} -> "
+            f"{worst['perplexity']:.3f} ({worst['ratio_to_dense']:.2f}x dense)"
+        )
+    print(f"report: {recipe.output_dir}/report.html")
     return 0
 
 
@@ -340,6 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)
+
+    from .importance import IMPORTANCE_METRICS
+
+    p = sub.add_parser("analyze", help="critical-weight study: scores, perturbations, report")
+    p.add_argument("target", help="an analysis recipe (.yaml) or a model (name, folder, Hub id)")
+    p.add_argument("--metric", choices=sorted(IMPORTANCE_METRICS), default="fisher")
+    p.add_argument("--top-k", type=int, default=None, help="size of the critical set (count)")
+    p.add_argument("--top-k-percent", type=float, default=None, help="... or a percentage")
+    p.add_argument("--mode", choices=["global", "layer", "head"], default="global")
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--dataset", default=None, help="scoring text (named set or file)")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_analyze)
 
     _add_mask_parser(sub)
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,29 @@ def test_run_errors_come_before_work(setup):
     with pytest.raises(FileExistsError, match="overwrite"):
         run_study(model, tokenizer, _config(tmp), tmp / "c", show_progress=False)
     assert not (tmp / "a").exists() and not (tmp / "b").exists()
+
+
+def test_cli_analyze_and_the_shipped_recipe(setup, capsys):
+    import yaml
+
+    from hf_sparse.cli import main
+
+    model, tokenizer, tmp = setup
+    model.save_pretrained(tmp / "tiny")
+    tokenizer.save_pretrained(tmp / "tiny")
+    recipe = yaml.safe_load(
+        (Path(__file__).parents[2] / "recipes" / "critical-weights.yaml").read_text()
+    )
+    text = str(tmp / "text.txt")
+    recipe["analysis"].update(
+        dataset=text, eval_dataset=text, num_samples=2, sequence_length=16, eval_windows=2,
+        eval_length=16, top_k=20, progressive_k=[5, 20], stability_seeds=[0, 1],
+        single_weight_candidates=2, control_seeds=1, n_clusters=2,
+    )  # fmt: skip
+    recipe.update(model=str(tmp / "tiny"), output_dir=str(tmp / "study"))
+    (tmp / "study.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["analyze", str(tmp / "study.yaml")]) == 0
+    assert "most damaging single weight" in capsys.readouterr().out
+    assert (tmp / "study" / "report.html").exists()
+    assert main(["run", str(tmp / "study.yaml")]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
