@@ -91,13 +91,18 @@ def quality(args) -> dict:
     base, tokenizer = load_model_and_tokenizer(args.model)
     evals, calibs = _data(args, tokenizer)
     calibration = [calibs[d] for d in DOMAINS]
-    rows = [{"method": "base", "density": None, **_eval(base, evals)}]
-    print(json.dumps(rows[-1]))
-    for domain, folder in zip(DOMAINS, folders, strict=True):
+    rows = []
+    references = [] if args.methods else list(zip(DOMAINS, folders, strict=True))
+    if not args.methods:
+        rows.append({"method": "base", "density": None, **_eval(base, evals)})
+        print(json.dumps(rows[-1]))
+    for domain, folder in references:
         model, _ = load_model_and_tokenizer(str(folder))
         rows.append({"method": f"fine-tune {domain}", "density": None, **_eval(model, evals)})
         print(json.dumps(rows[-1]))
     plan = [("task_arithmetic", 1.0)] + [(m, d) for d in args.densities for m in SWEPT]
+    if args.methods:
+        plan = [(m, d) for m, d in plan if m in args.methods]
     for method, density in plan:
         model, _ = load_model_and_tokenizer(args.model)
         sequential = method.endswith("_seq")
@@ -332,6 +337,7 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--peer-density", type=float, default=0.2)
     parser.add_argument("--mergekit-venv", type=Path, default=ROOT / ".venv-mergekit")
+    parser.add_argument("--methods", nargs="+", default=None, help="quality: only these rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -349,7 +355,8 @@ def main() -> None:
         threads=args.threads,
     )
     stored = json.loads(args.json.read_text()) if args.json.exists() else {}
-    stored[args.stage] = results
+    key = args.stage if not args.methods else f"{args.stage}:{'+'.join(args.methods)}"
+    stored[key] = results
     args.json.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"wrote {args.json} [{args.stage}] in {results['wall_seconds']} s")
 

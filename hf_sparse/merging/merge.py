@@ -206,6 +206,8 @@ def merge_(
             model, tasks, rule, config, streams, obs_linears, batch_size, show_progress, errors
         )
         deltas.update(pending)
+        if not config.sequential:  # measured on the base throughout; written at the end
+            _add_deltas_(params, pending)
     if not applied_early:
         _add_deltas_(params, {n: deltas[n] for n in others})
     seconds = time.perf_counter() - start

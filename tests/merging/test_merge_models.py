@@ -87,8 +87,13 @@ def test_sparsegpt_tv_equals_a_manual_block_by_block_reference(saved_family, seq
         sequential=sequential,
         hessians="per_task" if per_task else "shared",
     )
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
     result = merge_(base, folders, config, calibration=windows, show_progress=False)
     assert sorted(result.deltas) == sorted(expected)
+    merged = dict(base.named_parameters())
+    for name, param in merged.items():  # the model holds base + merged task vector
+        expected_weight = original[name] + result.deltas.get(name, 0)
+        torch.testing.assert_close(param.detach(), expected_weight, rtol=0, atol=1e-6)
     for name, delta in expected.items():
         torch.testing.assert_close(result.deltas[name], delta, rtol=1e-4, atol=1e-5)
     # every linear of every task got a relative reconstruction error in (0, 1)
