@@ -1,0 +1,126 @@
+"""Reproduce the SPD acceptance figures on toy models (and optionally the SmolLM2 round trip).
+
+    .venv/bin/python benchmarks/spd_toy.py                         # tms_5-2, tms_40-10, resid_mlp1
+    .venv/bin/python benchmarks/spd_toy.py --experiments tms_5-2 --steps 2000
+    .venv/bin/python benchmarks/spd_toy.py --experiments none --lm  # SmolLM2 recipe only
+
+Each experiment trains its target toy model, decomposes it with SPDTrainer and measures it
+against the ground truth (hf_sparse.spd.toy_run). Prints what it measured with the wall time
+and writes everything to a JSON file. One CPU thread by default (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_EXPERIMENTS = ["tms_5-2", "tms_40-10", "resid_mlp1"]
+
+
+def _row(name: str, value: object) -> str:
+    return f"  {name:<34} {value}"
+
+
+def run_toy(name: str, args: argparse.Namespace) -> dict:
+    from hf_sparse.spd.experiments import get_experiment
+    from hf_sparse.spd.recipe import check_toy_experiment
+    from hf_sparse.spd.toy_run import run_toy_experiment
+
+    experiment = get_experiment(name)
+    changes = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed}
+    for key, value in changes.items():
+        if value is not None:
+            setattr(experiment.train, key, value)
+    experiment.train.logging_steps = max(1, experiment.train.steps // 10)
+    check_toy_experiment(experiment)
+    output_dir = Path(args.output_root) / name if args.output_root else None
+    start = time.perf_counter()
+    results = run_toy_experiment(experiment, output_dir, overwrite=True, plots=True)
+    wall = time.perf_counter() - start
+    results["wall_s"] = wall
+    results["settings"] = {
+        "train": vars(experiment.train),
+        "spd": {k: v for k, v in experiment.spd.items() if k != "target_modules"},
+        "loss": {
+            "importance_minimality_coeff": experiment.loss.importance_minimality_coeff,
+            "pnorm": experiment.loss.pnorm,
+        },
+        "note": experiment.note,
+    }
+    print(
+        f"\n== {name}  ({experiment.train.steps} steps x {experiment.train.batch_size}, "
+        f"{torch.get_num_threads()} thread(s)) =="
+    )
+    for key, value in results["summary"].items():
+        print(_row(key, value))
+    for key, value in results["published"].items():
+        print(_row(f"reference implementation {key}", value))
+    timings = results["timings"]
+    print(_row("target training (s)", f"{timings['target_train_s']:.1f}"))
+    print(_row("SPD training (s)", f"{timings['spd_train_s']:.1f}"))
+    print(_row("wall time (s)", f"{wall:.1f}"))
+    return results
+
+
+def run_lm(args: argparse.Namespace) -> dict:
+    from hf_sparse.spd.lm import run_lm_decomposition
+    from hf_sparse.spd.recipe import load_decompose_target
+
+    experiment, _ = load_decompose_target(args.lm_recipe)
+    if args.lm_steps is not None:
+        experiment.train.steps = args.lm_steps
+        experiment.train.logging_steps = max(1, args.lm_steps // 5)
+    output_dir = Path(args.output_root) / "smollm2" if args.output_root else None
+    start = time.perf_counter()
+    results = run_lm_decomposition(experiment, output_dir, overwrite=True)
+    results["wall_s"] = time.perf_counter() - start
+    metrics = results["metrics"]
+    print(f"\n== {args.lm_recipe} ({experiment.train.steps} steps) ==")
+    for mode, kl in metrics["kl"].items():
+        print(_row(f"KL {mode}", f"{kl:.4f}"))
+    print(_row("mean active components / token", f"{metrics['mean_active_per_token']:.2f}"))
+    for name, entry in metrics["layers"].items():
+        print(_row(f"{name} alive", f"{entry['n_alive']} / {entry['C']}"))
+    for key, value in results["round_trip"].items():
+        print(_row(key, value))
+    print(_row("clusters (co-activation)", metrics["n_clusters"]))
+    print(_row("wall time (s)", f"{results['wall_s']:.1f}"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--experiments", nargs="+", default=DEFAULT_EXPERIMENTS, help="names, or 'none'"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="override every train.steps")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lm", action="store_true", help="also run the SmolLM2 recipe")
+    parser.add_argument("--lm-recipe", default="recipes/spd-smollm2.yaml")
+    parser.add_argument("--lm-steps", type=int, default=None)
+    parser.add_argument("--output-root", default=None, help="save each run's folder here")
+    parser.add_argument("--json", default="spd_toy_results.json", help="where to write results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [] if args.experiments == ["none"] else args.experiments
+    report: dict = {"command": " ".join(sys.argv), "threads": args.threads, "runs": {}}
+    for name in names:
+        report["runs"][name] = run_toy(name, args)
+    if args.lm:
+        report["runs"]["smollm2"] = run_lm(args)
+    for run in report["runs"].values():  # the per-feature CI matrices stay in the run folders
+        run.get("metrics", {}).pop("ci_one_hot", None)
+    Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

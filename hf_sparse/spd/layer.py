@@ -1,0 +1,207 @@
+"""The decomposed layer: a target linear, its ``C`` rank-one subcomponents and their gates.
+
+How the layer runs is set from outside (``model.py``) through ``spd_runtime``:
+
+* ``target``: the frozen base layer (optionally recording its input for the gates);
+* ``masked``: ``sum_c m_c (V[c] . x) U[:, c]`` with given masks, plus the delta ``W - UV`` under
+  its own mask (SPD's stochastic reconstruction, Bushnaq et al. 2025);
+* default (no runtime set): the decomposed layer with the ablation settings (``spd_keep``,
+  ``spd_ci_threshold``, ``spd_include_delta``): all components unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..models import weight_matrix
+from .config import SPDConfig
+from .core import causal_importances, component_output, gate_mlp, inner_acts, weight_delta
+
+
+@dataclass
+class SPDRuntime:
+    """How one forward pass uses this layer (set and cleared by ``model.spd_runtime``)."""
+
+    mode: str = "target"  # "target" or "masked"
+    capture: bool = False  # target mode: keep the input for the gates
+    captured: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # masked mode: [..., C]; None = all ones
+    delta_mask: torch.Tensor | None = None  # masked mode: [...]; None = 1 (when delta is used)
+    use_delta: bool = True
+
+
+class SPDLayer(BaseTunerLayer):
+    """Adapter state of one decomposed layer, keyed by adapter name like every peft tuner."""
+
+    adapter_layer_names = (
+        "spd_U",
+        "spd_V",
+        "spd_gate_w1",
+        "spd_gate_b1",
+        "spd_gate_w2",
+        "spd_gate_b2",
+    )
+    other_param_names = ("spd_leak", "spd_use_delta", "spd_keep", "spd_ci_threshold")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        if not isinstance(base_layer, nn.Linear | Conv1D):
+            raise TypeError(
+                f"SPD decomposes nn.Linear and transformers' Conv1D only, got "
+                f"{type(base_layer).__name__}; leave this module out of target_modules"
+            )
+        self.base_layer = base_layer
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict({}))
+        self.spd_leak: dict[str, float] = {}
+        self.spd_use_delta: dict[str, bool] = {}
+        self.spd_keep: dict[str, torch.Tensor | None] = {}
+        self.spd_ci_threshold: dict[str, float | None] = {}
+        self.spd_include_delta = False
+        self.spd_runtime: SPDRuntime | None = None
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+
+    @property
+    def d_out_in(self) -> tuple[int, int]:
+        out_features, in_features = weight_matrix(self.get_base_layer()).shape
+        return int(out_features), int(in_features)
+
+    def update_layer(
+        self, adapter_name: str, config: SPDConfig, inference_mode: bool = False
+    ) -> None:
+        """Add an adapter: random ``U``, ``V`` and gates sized by ``config.C``/``gate_hidden``."""
+        d_out, d_in = self.d_out_in
+        C, H = config.C, config.gate_hidden
+        weight = weight_matrix(self.get_base_layer())
+        # V reads inputs (fan-in d_in); U writes outputs from C inner activations.
+        V = torch.randn(C, d_in) / math.sqrt(d_in)
+        U = torch.randn(d_out, C) / math.sqrt(C)
+        values = {
+            "spd_V": V,
+            "spd_U": U,
+            "spd_gate_w1": torch.randn(C, H),
+            "spd_gate_b1": torch.zeros(C, H),
+            "spd_gate_w2": torch.randn(C, H) / math.sqrt(H),
+            "spd_gate_b2": torch.zeros(C),
+        }
+        for name, value in values.items():
+            value = value.to(device=weight.device, dtype=weight.dtype)
+            getattr(self, name)[adapter_name] = nn.Parameter(value)
+        self.spd_leak[adapter_name] = float(config.leak)
+        self.spd_use_delta[adapter_name] = bool(config.use_delta_component)
+        self.spd_keep[adapter_name] = None
+        self.spd_ci_threshold[adapter_name] = None
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    # The decomposition, read by model.py, the trainer and the metrics.
+
+    def spd_adapter(self) -> str:
+        active = [name for name in self.active_adapters if name in self.spd_U]
+        if not active:
+            raise RuntimeError("this SPD layer has no active SPD adapter")
+        return active[0]
+
+    def components(self, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U [d_out, C], V [C, d_in])`` of an adapter (the active one by default)."""
+        name = adapter_name or self.spd_adapter()
+        return self.spd_U[name], self.spd_V[name]
+
+    def target_weight(self) -> torch.Tensor:
+        """The frozen weight as ``[d_out, d_in]``."""
+        return weight_matrix(self.get_base_layer())
+
+    def causal_importance(
+        self, x: torch.Tensor, adapter_name: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g_lower, g_upper)`` of every subcomponent for inputs ``x: [..., d_in]``."""
+        name = adapter_name or self.spd_adapter()
+        pre = gate_mlp(
+            inner_acts(x, self.spd_V[name]),
+            self.spd_gate_w1[name],
+            self.spd_gate_b1[name],
+            self.spd_gate_w2[name],
+            self.spd_gate_b2[name],
+        )
+        return causal_importances(pre, self.spd_leak[name])
+
+    def set_ablation(
+        self,
+        keep: torch.Tensor | None = None,
+        ci_threshold: float | None = None,
+        include_delta: bool = False,
+        adapter_name: str | None = None,
+    ) -> None:
+        """Run with only the ``keep`` components (bool ``[C]``; None = all), and/or only those
+        whose causal importance on the current input exceeds ``ci_threshold``."""
+        name = adapter_name or self.spd_adapter()
+        C = self.spd_U[name].shape[1]
+        if keep is not None:
+            keep = torch.as_tensor(keep)
+            if keep.dtype != torch.bool or tuple(keep.shape) != (C,):
+                raise ValueError(
+                    f"keep must be a bool tensor of shape ({C},), got {keep.dtype} "
+                    f"{tuple(keep.shape)}"
+                )
+        self.spd_keep[name] = keep
+        self.spd_ci_threshold[name] = ci_threshold
+        self.spd_include_delta = include_delta
+
+
+class Linear(nn.Module, SPDLayer):
+    """``nn.Linear`` or GPT-2 ``Conv1D`` decomposed into SPD subcomponents."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SPDConfig, **kw) -> None:
+        super().__init__()
+        SPDLayer.__init__(self, base_layer, **kw)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "SPD components analyse the base weight; there is nothing to merge. Use "
+            "set_spd_ablation(model, ...) to run a chosen subset of components"
+        )
+
+    def unmerge(self) -> None:
+        return None
+
+    def _delta(self, name: str) -> torch.Tensor:
+        return weight_delta(self.target_weight(), self.spd_U[name], self.spd_V[name])
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        kwargs.pop("adapter_names", None)
+        active = [name for name in self.active_adapters if name in self.spd_U]
+        run = self.spd_runtime
+        if self.disable_adapters or not active or (run is not None and run.mode == "target"):
+            if run is not None and run.capture:
+                run.captured = x
+            return self.base_layer(x, *args, **kwargs)
+        name = active[0]
+        base = self.get_base_layer()
+        U, V = self.spd_U[name], self.spd_V[name]
+        x = x.to(V.dtype)
+        if run is not None:  # masked: SPD training
+            delta = self._delta(name) if run.use_delta and self.spd_use_delta[name] else None
+            return component_output(x, U, V, run.mask, base.bias, delta, run.delta_mask)
+        mask = None
+        keep = self.spd_keep.get(name)
+        if keep is not None:
+            mask = keep.to(device=V.device, dtype=V.dtype)
+        threshold = self.spd_ci_threshold.get(name)
+        if threshold is not None:
+            ci, _ = self.causal_importance(x, name)
+            active_mask = (ci > threshold).to(V.dtype)
+            mask = active_mask if mask is None else active_mask * mask
+        delta = self._delta(name) if self.spd_include_delta else None
+        return component_output(x, U, V, mask, base.bias, delta)
+
+    def __repr__(self) -> str:
+        return "spd." + super().__repr__()

@@ -1,0 +1,170 @@
+"""``hf-sparse decompose`` recipes: a named toy experiment with overrides, or a language model.
+
+Toy (``recipes/spd-tms-5-2.yaml``)::
+
+    experiment: tms_5-2            # a name from hf_sparse.spd.experiments.EXPERIMENTS
+    train: {steps: 5000, batch_size: 2048}
+    loss: {importance_minimality_coeff: 3.0e-3, pnorm: 1.0}
+    output_dir: outputs/spd-tms-5-2
+
+Language model (``recipes/spd-smollm2.yaml``)::
+
+    model: smollm2-135m
+    spd: {C: 32, target_modules: [model.layers.29.mlp.up_proj]}
+    loss: {output_loss: kl, importance_minimality_coeff: 1.0e-3, pnorm: 2.0}
+    train: {steps: 100, batch_size: 4}
+    data: {source: wikitext2, count: 64, length: 64}
+
+Every level rejects unknown keys with the list of valid ones; the whole experiment is checked
+against its toy model before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config_utils import check_keys, from_dict
+from ..recipes import read_recipe_file
+from .config import SPDConfig, SPDLossConfig
+from .experiments import EXPERIMENTS, SPDTrainConfig, ToyExperiment, get_experiment
+from .lm import LMDataConfig, LMExperiment
+from .toy_models import ToyTrainingConfig, build_toy_model
+
+TOY_KEYS = ("experiment", "toy", "target_training", "spd", "loss", "train", "output_dir")
+LM_KEYS = ("model", "name", "spd", "loss", "train", "data", "cluster_min_similarity", "output_dir")
+SPD_KEYS = (
+    "C",
+    "target_modules",
+    "exclude_modules",
+    "gate_hidden",
+    "use_delta_component",
+    "leak",
+)
+
+Experiment = ToyExperiment | LMExperiment
+
+
+def _merge(cls: type, current: Any, values: Any, where: str) -> Any:
+    """``cls`` built from ``current``'s fields updated with ``values`` (unknown keys refused)."""
+    if values is None:
+        return current
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    base = dataclasses.asdict(current) if current is not None else {}
+    from_dict(cls, values, where)  # unknown keys -> error listing valid ones
+    return cls(**{**base, **values})
+
+
+def _spd_kwargs(current: dict[str, Any], values: Any, where: str) -> dict[str, Any]:
+    if values is None:
+        return dict(current)
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}.spd must be a mapping, got {type(values).__name__}")
+    check_keys(values, SPD_KEYS, f"{where}.spd", "decomposition")
+    merged = {**current, **values}
+    SPDConfig(**merged)  # C < 1, empty targets... fail here, before any work
+    return merged
+
+
+def check_toy_experiment(experiment: ToyExperiment) -> None:
+    """Refuse a toy experiment whose parts do not fit together (before training).
+
+    Every layer named for the identity-CI or MMCS metrics must exist in the toy model and be
+    decomposed, and the decomposition targets must all be linear layers of the toy model.
+    """
+    from .model import check_targets
+
+    model = build_toy_model(experiment.toy)
+    config = SPDConfig(**experiment.spd)
+    targets = set(check_targets(model, config))
+    named = set(experiment.identity_layers) | set(experiment.direction_layers)
+    modules = dict(model.named_modules())
+    missing = sorted(name for name in named if name not in modules)
+    if missing:
+        raise ValueError(
+            f"experiment {experiment.name!r} measures layers {missing} that its toy model "
+            f"({type(experiment.toy).__name__} {dataclasses.asdict(experiment.toy)}) does not "
+            "have; the toy settings do not match the experiment (e.g. n_hidden_layers / "
+            "n_layers), pick the matching experiment name"
+        )
+    undecomposed = sorted(named - targets)
+    if undecomposed:
+        raise ValueError(
+            f"experiment {experiment.name!r} measures layers {undecomposed} that spd."
+            f"target_modules {sorted(config.target_modules)} does not decompose; add them"
+        )
+
+
+def toy_experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> ToyExperiment:
+    check_keys(data, TOY_KEYS, where, "toy SPD recipe")
+    experiment = get_experiment(data["experiment"])
+    experiment.toy = _merge(type(experiment.toy), experiment.toy, data.get("toy"), f"{where}.toy")
+    experiment.target_training = _merge(
+        ToyTrainingConfig,
+        experiment.target_training,
+        data.get("target_training"),
+        f"{where}.target_training",
+    )
+    experiment.loss = _merge(SPDLossConfig, experiment.loss, data.get("loss"), f"{where}.loss")
+    experiment.train = _merge(SPDTrainConfig, experiment.train, data.get("train"), f"{where}.train")
+    experiment.spd = _spd_kwargs(experiment.spd, data.get("spd"), where)
+    check_toy_experiment(experiment)
+    return experiment
+
+
+def lm_experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> LMExperiment:
+    check_keys(data, LM_KEYS, where, "language-model SPD recipe")
+    default = LMExperiment()
+    if not isinstance(data["model"], str) or not data["model"]:
+        raise ValueError(f"{where}.model must be a model name or path, got {data['model']!r}")
+    spd = data.get("spd")
+    if not isinstance(spd, dict) or not spd.get("target_modules"):
+        raise ValueError(
+            f"{where}.spd.target_modules is required for a language model: name the linears to "
+            "decompose, e.g. [model.layers.29.mlp.up_proj]"
+        )
+    loss = _merge(SPDLossConfig, default.loss, data.get("loss"), f"{where}.loss")
+    return LMExperiment(
+        model=data["model"],
+        name=str(data.get("name", Path(str(data["model"])).name)),
+        spd=_spd_kwargs(default.spd, spd, where),
+        loss=loss,
+        train=_merge(SPDTrainConfig, default.train, data.get("train"), f"{where}.train"),
+        data=_merge(LMDataConfig, default.data, data.get("data"), f"{where}.data"),
+        cluster_min_similarity=float(
+            data.get("cluster_min_similarity", default.cluster_min_similarity)
+        ),
+    )
+
+
+def experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> Experiment:
+    """A toy experiment (``experiment:`` key) or a language-model one (``model:`` key)."""
+    if "experiment" in data and "model" in data:
+        raise ValueError(
+            f"{where} has both 'experiment' (toy) and 'model' (language model); keep one"
+        )
+    if "experiment" in data:
+        return toy_experiment_from_dict(data, where)
+    if "model" in data:
+        return lm_experiment_from_dict(data, where)
+    raise ValueError(
+        f"{where} needs 'experiment: <name>' (a toy experiment: {list(EXPERIMENTS)}) or "
+        "'model: <name or path>' (a language model)"
+    )
+
+
+def is_recipe_path(target: str | os.PathLike) -> bool:
+    return str(target).endswith((".yaml", ".yml")) or Path(target).is_file()
+
+
+def load_decompose_target(target: str | os.PathLike) -> tuple[Experiment, str | None]:
+    """``(experiment, recipe output_dir or None)`` from an experiment name or a recipe path."""
+    if is_recipe_path(target):
+        data = read_recipe_file(target)
+        return experiment_from_dict(data, where=str(target)), data.get("output_dir")
+    experiment = get_experiment(str(target))
+    check_toy_experiment(experiment)
+    return experiment, None

@@ -1,0 +1,225 @@
+"""The SPD PEFT method: wrapping, bad input, save / reload, ablation, transformers models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import nn
+
+from hf_sparse.spd import (
+    SPDConfig,
+    SPDLossConfig,
+    get_spd_model,
+    set_spd_ablation,
+    spd_layers,
+    spd_loss,
+)
+from hf_sparse.spd.layer import SPDRuntime
+from hf_sparse.spd.model import spd_runtime
+from hf_sparse.spd.toy_models import TMSConfig, build_toy_model
+
+
+def _tms(seed: int = 0, hidden_layers: int = 0) -> nn.Module:
+    return build_toy_model(TMSConfig(n_hidden_layers=hidden_layers), seed=seed).eval()
+
+
+def _spd(model: nn.Module, **kwargs) -> PeftModel:
+    torch.manual_seed(0)
+    kwargs.setdefault("target_modules", ["linear1", "linear2"])
+    return get_spd_model(model, SPDConfig(C=kwargs.pop("C", 6), **kwargs))
+
+
+X = torch.rand(16, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"C": 0}, "C must be an integer >= 1"),
+        ({"C": 2.5}, "C must be"),
+        ({"gate_hidden": 0}, "gate_hidden"),
+        ({"leak": 0.0}, "leak"),
+        ({"target_modules": None}, "target_modules is required"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    kwargs.setdefault("target_modules", ["linear1"])
+    with pytest.raises(ValueError, match=match):
+        SPDConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pnorm": 0.0}, "pnorm"),
+        ({"pnorm": -2}, "pnorm"),
+        ({"output_loss": "l1"}, "output_loss"),
+        ({"n_mask_samples": 0}, "n_mask_samples"),
+        ({"importance_minimality_end_frac": 1.5}, "end_frac"),
+        ({"stochastic_recon_coeff": 0, "stochastic_recon_layerwise_coeff": 0}, "both"),
+    ],
+)
+def test_loss_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SPDLossConfig(**kwargs)
+
+
+def test_targets_that_are_not_linear_layers_fail_before_any_change():
+    model = _tms(hidden_layers=1)
+    with pytest.raises(ValueError, match="linear layers only.*ModuleList"):
+        get_spd_model(model, SPDConfig(C=3, target_modules=["linear1", "hidden_layers"]))
+    assert isinstance(model.linear1, nn.Linear)  # untouched
+    with pytest.raises(ValueError, match="matches no module"):
+        get_spd_model(_tms(), SPDConfig(C=3, target_modules=["nope"]))
+
+
+def test_only_components_and_gates_train():
+    model = _spd(_tms())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".spd_" in n for n in trainable)
+    layers = spd_layers(model)
+    assert list(layers) == ["linear1", "linear2"]
+    U, V = layers["linear1"].components()
+    assert tuple(U.shape) == (2, 6) and tuple(V.shape) == (6, 5)
+
+
+def test_all_components_plus_delta_is_the_target_and_disabling_gives_the_base():
+    base = _tms()
+    expected = base(X)
+    model = _spd(_tms())
+    set_spd_ablation(model, include_delta=True)
+    torch.testing.assert_close(model(x=X), expected, atol=1e-5, rtol=1e-5)
+    set_spd_ablation(model)
+    assert not torch.allclose(model(x=X), expected, atol=1e-3)  # random U V != W
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x=X), expected)
+
+
+def test_keep_runs_exactly_the_chosen_components():
+    model = _spd(_tms())
+    layers = spd_layers(model)
+    set_spd_ablation(model, keep={"linear1": [0, 3]})
+    out = model(x=X)
+    U1, V1 = layers["linear1"].components()
+    U2, V2 = layers["linear2"].components()
+    bias = layers["linear2"].get_base_layer().bias
+    W1 = U1[:, [0, 3]] @ V1[[0, 3]]
+    expected = torch.relu(X @ W1.t() @ (U2 @ V2).t() + bias)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not decomposed"):
+        set_spd_ablation(model, keep={"linear3": [0]})
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        set_spd_ablation(model, keep={"linear1": [6]})
+
+
+def test_ci_threshold_drops_unimportant_components_per_input():
+    model = _spd(_tms())
+    layers = spd_layers(model)
+    with torch.no_grad():  # linear1: components 0 and 5 always on, the rest off; linear2: all on
+        layers["linear1"].spd_gate_b2["default"].copy_(torch.tensor([5.0, -5, -5, -5, -5, 5]))
+        layers["linear2"].spd_gate_b2["default"].fill_(5.0)
+        for layer in layers.values():
+            layer.spd_gate_w2["default"].zero_()
+    set_spd_ablation(model, ci_threshold=0.5)
+    out = model(x=X)
+    set_spd_ablation(model, keep={"linear1": [0, 5]})
+    torch.testing.assert_close(out, model(x=X))
+
+
+def test_save_reload_round_trip_keeps_outputs(tmp_path):
+    model = _spd(_tms())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    expected = model(x=X)
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "adapter_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all(".spd_" in key for key in saved)
+    assert not any("base_layer" in key for key in saved)  # the target weights are not saved
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SPD"
+    reloaded = PeftModel.from_pretrained(_tms(), tmp_path)
+    torch.testing.assert_close(reloaded(x=X), expected)
+    set_spd_ablation(reloaded, keep={"linear2": [1]}, include_delta=False)
+    assert not torch.allclose(reloaded(x=X), expected)
+
+
+def test_spd_loss_terms_and_gradients():
+    model = _spd(_tms())
+    config = SPDLossConfig(faithfulness_coeff=1.0)
+    result = spd_loss(model, {"x": X}, config, generator=torch.Generator().manual_seed(0))
+    for key in ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise"):
+        assert result.terms[key] > 0
+    assert result.terms["importance_minimality"] > 0
+    assert set(result.ci_lower) == {"linear1", "linear2"}
+    result.total.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any(float(g.abs().sum()) > 0 for n, g in grads.items() if "gate" in n)
+
+
+def test_masks_of_one_with_delta_reproduce_the_target():
+    model = _spd(_tms())
+    expected = _tms()(X)
+    ones = {
+        n: SPDRuntime("masked", mask=torch.ones(16, 6), delta_mask=torch.ones(16))
+        for n in ("linear1", "linear2")
+    }
+    with spd_runtime(model, ones):
+        torch.testing.assert_close(model(x=X), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decomposes_a_transformers_model_with_kl(tiny_model, token_windows, tmp_path):
+    base = tiny_model("llama")
+    config = SPDConfig(
+        C=4, target_modules=["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"]
+    )
+    torch.manual_seed(0)
+    model = get_spd_model(base, config)
+    ids = token_windows(n=2, length=8)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = spd_loss(model, inputs, SPDLossConfig(output_loss="kl"))
+    assert result.terms["stochastic_recon"] > 0
+    assert result.ci_lower["model.layers.0.mlp.up_proj"].shape == (2, 8, 4)
+    model.save_pretrained(tmp_path)
+    set_spd_ablation(model, include_delta=True)
+    fresh = tiny_model("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**inputs).logits, fresh(**inputs).logits, atol=1e-4, rtol=1e-4
+        )
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path)
+    set_spd_ablation(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_lm_passes_replay_the_undecomposed_first_blocks_exactly(tiny_model, token_windows):
+    from hf_sparse.spd.objective import model_output, target_pass
+
+    torch.manual_seed(0)
+    model = get_spd_model(
+        tiny_model("llama"), SPDConfig(C=4, target_modules=["model.layers.1.mlp.down_proj"])
+    )
+    ids = token_windows(n=2, length=8)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    target = target_pass(model, inputs)
+    assert target.prefix is not None and len(target.prefix.blocks) == 1
+    name = "model.layers.1.mlp.down_proj"
+    mask = torch.rand(2, 8, 4)
+    with torch.no_grad():
+        with spd_runtime(model, {name: SPDRuntime("masked", mask=mask)}):
+            full = model_output(model, inputs)
+            with target.replay():
+                replayed = model_output(model, inputs)
+                block = target.prefix.blocks[0]
+                assert "forward" in block.__dict__
+        assert "forward" not in block.__dict__  # restored
+    torch.testing.assert_close(replayed, full)
+    assert not torch.allclose(full, target.output)
