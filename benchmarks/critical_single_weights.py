@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--json", type=Path, default=ROOT / "benchmarks" / "critical_single_weights.json"
+        "--json", type=Path, default=ROOT / "benchmarks" / "out" / "critical_single_weights.json"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from hf_sparse.importance import compute_importance, golden_masks
 
 from hf_sparse.data import evaluation_windows
 from hf_sparse.evaluation import perplexity
+from hf_sparse.importance import compute_importance, golden_masks
 from hf_sparse.masked import ParameterMasks, top_k
 from hf_sparse.pipeline import load_model_and_tokenizer
 from hf_sparse.real_model import resolve_model_path

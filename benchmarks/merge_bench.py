@@ -59,8 +59,11 @@ from hf_sparse.models import target_linears
 from hf_sparse.pipeline import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = ROOT / "benchmarks" / "merge_bench.json"
-SWEPT = ("magnitude_prune", "ties", "dare_linear", "dare_ties", "sparsegpt_tv", "sparsegpt_tv_seq")
+DEFAULT_JSON = ROOT / "benchmarks" / "out" / "merge_bench.json"
+SWEPT = (
+    "magnitude_prune", "ties", "dare_linear", "dare_ties", "sparsegpt_tv", "sparsegpt_tv_seq",
+    "sparsegpt_ties", "sparsegpt_ties_seq",
+)  # fmt: skip
 
 
 def _data(args, tokenizer):
@@ -357,6 +360,7 @@ def main() -> None:
     stored = json.loads(args.json.read_text()) if args.json.exists() else {}
     key = args.stage if not args.methods else f"{args.stage}:{'+'.join(args.methods)}"
     stored[key] = results
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(stored, indent=2) + "\n")
     print(f"wrote {args.json} [{args.stage}] in {results['wall_seconds']} s")
 
