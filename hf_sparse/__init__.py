@@ -7,7 +7,7 @@ Quick use::
     prune_(model, SparseGPTConfig(sparsity=0.5), windows)
 """
 
-from . import spd  # noqa: F401  (registers the SPD PEFT method)
+from . import basis_sharing, spd  # noqa: F401  (register the BASIS_SHARING and SPD PEFT methods)
 from .data import calibration_windows, evaluation_windows
 from .evaluation import perplexity, sparsity_report
 from .masked_lr import MaskedAdamW, MaskedLRConfig, get_masked_lr_model  # registers MASKED_LR

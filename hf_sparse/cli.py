@@ -11,6 +11,7 @@ hf-sparse mask score MODEL --metric fisher --top-k-percent 1 --scope global --ou
 hf-sparse merge recipes/merge-sparsegpt-tv.yaml [--output-dir DIR] [--overwrite]
 hf-sparse analyze recipes/critical-weights.yaml
 hf-sparse analyze MODEL --metric fisher --top-k 1000 --output-dir DIR
+hf-sparse compress recipes/basis-sharing-20.yaml [--output-dir DIR] [--overwrite]
 hf-sparse decompose tms_5-2 | recipes/spd-tms-5-2.yaml [--output-dir DIR] [--overwrite]
 """
 
@@ -407,8 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_analyze)
 
+    from .basis_sharing.cli import add_compress_parser
     from .spd.cli import add_decompose_parser
 
+    add_compress_parser(sub)
     add_decompose_parser(sub)
     _add_mask_parser(sub)
     return parser

@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Basis Sharing on SmolLM2-135M, protocol v1 (see ../shared/BENCHMARKS.md).
+
+    .venv/bin/python benchmarks/basis_sharing_bench.py compress --ratios 0.4 0.2 0.3
+    .venv/bin/python benchmarks/basis_sharing_bench.py recovery --ratio 0.4 --group 2
+    .venv/bin/python benchmarks/basis_sharing_bench.py dynamic --ratio 0.4 --group 2
+    .venv/bin/python benchmarks/basis_sharing_bench.py throughput --ratio 0.4 --group 2
+
+``compress``: perplexity of plain SVD, per-layer whitened SVD (group of 1, SVD-LLM) and Basis
+Sharing with groups of 2 and 4, each before and after the coefficient update, with parameter
+counts of the targeted matrices and adapter file sizes. The dense model's ``X^T X`` are
+collected once (64 x 512 calibration windows, seed 0) and cached under ``--out``; every setting
+reuses them. The coefficient update re-collects statistics of each compressed model on the first
+``--update-windows`` calibration windows. Rows are written to JSON as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hf_sparse.basis_sharing import (  # noqa: E402
+    BasisSharingConfig,
+    collect_input_stats,
+    get_basis_sharing_model,
+    update_coefficients_,
+)
+from hf_sparse.basis_sharing.dynamic_rank import (  # noqa: E402
+    dynamic_rank,
+    energy_for_fraction,
+)
+from hf_sparse.calibration import InputStats  # noqa: E402
+from hf_sparse.data import calibration_windows, evaluation_windows  # noqa: E402
+from hf_sparse.evaluation import perplexity  # noqa: E402
+from hf_sparse.pipeline import load_model_and_tokenizer  # noqa: E402
+
+MODEL = "smollm2-135m"
+
+
+def log(message: str) -> None:
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"[bench {stamp}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("part", choices=["compress", "recovery", "dynamic", "throughput"])
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--tag", default="", help="suffix of the JSON file name")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.2, 0.3])
+    p.add_argument("--settings", nargs="+", default=["svd", "g1", "g2", "g4"], choices=SETTINGS)
+    p.add_argument("--ratio", type=float, default=0.4, help="recovery/dynamic/throughput")
+    p.add_argument("--setting", default="g2", choices=SETTINGS, help="recovery/dynamic/throughput")
+    p.add_argument("--update", action="store_true", help="recovery/dynamic: start updated")
+    p.add_argument("--no-paper-update", action="store_true", help="compress: skip the paper's")
+    p.add_argument("--no-dense", action="store_true", help="compress: skip the dense perplexity")
+    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--update-windows", type=int, default=16)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--train-seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--recovery", choices=["coefficients", "lora"], default="coefficients")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--energy", type=float, default=0.95)
+    p.add_argument("--repeats", type=int, default=3)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- shared helpers
+def windows(args: argparse.Namespace, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    calib = calibration_windows(tokenizer, "wikitext2", args.calib_windows, args.seq_len, args.seed)
+    evaluation = evaluation_windows(tokenizer, "wikitext2", args.seq_len, args.eval_windows)
+    return calib, evaluation
+
+
+def stats_path(args: argparse.Namespace) -> Path:
+    return args.out / f"basis_sharing_xtx_{args.calib_windows}x{args.seq_len}_s{args.seed}"
+
+
+def dense_stats(args: argparse.Namespace, model, calib) -> dict[str, InputStats]:
+    """``X^T X`` of the dense model, collected once and cached (safetensors + aliases)."""
+    from safetensors.torch import load_file, save_file
+
+    path = stats_path(args)
+    if (path / "xtx.safetensors").exists():
+        tensors = load_file(str(path / "xtx.safetensors"))
+        meta = json.loads((path / "meta.json").read_text())
+        owners = {key: InputStats(xtx=t, tokens=meta["tokens"]) for key, t in tensors.items()}
+        return {name: owners[owner] for name, owner in meta["aliases"].items()}
+    start = time.perf_counter()
+    stats = collect_input_stats(model, calib, batch_size=8)
+    log(f"collected dense X^T X in {time.perf_counter() - start:.0f}s")
+    unique, aliases = {}, {}
+    for name, item in stats.items():
+        owner = next((k for k, v in unique.items() if v is item), None)
+        if owner is None:
+            unique[name] = item
+            owner = name
+        aliases[name] = owner
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.xtx.contiguous() for k, v in unique.items()}, str(path / "xtx.safetensors"))
+    tokens = next(iter(stats.values())).tokens
+    (path / "meta.json").write_text(json.dumps({"aliases": aliases, "tokens": tokens}))
+    return stats
+
+
+SETTINGS = {  # name -> (whitening, group_size, shared roles; None = the paper's default)
+    # "-refit": each layer's coefficients refit on its own X^T X after the grouped SVD
+    "svd": (False, 1, None),
+    "g1": (True, 1, None),
+    "g2": (True, 2, None),
+    "g4": (True, 4, None),
+    "g2-down": (True, 2, ["q", "k", "v", "gate", "up", "down"]),
+    "g2-all": (True, 2, ["q", "k", "v", "o", "gate", "up", "down"]),
+    "g2-kv": (True, 2, ["k", "v"]),
+    "g2-kvdown": (True, 2, ["k", "v", "down"]),
+    "g4-kvdown": (True, 4, ["k", "v", "down"]),
+    "g2-refit": (True, 2, None),
+    "g4-refit": (True, 4, None),
+    "g2-kvdown-refit": (True, 2, ["k", "v", "down"]),
+}
+
+
+def make_config(setting: str, ratio: float) -> BasisSharingConfig:
+    whitening, group, shared = SETTINGS[setting]
+    return BasisSharingConfig(
+        ratio=ratio,
+        group_size=group,
+        whitening=whitening,
+        shared_roles=shared,
+        layer_refit=setting.endswith("-refit"),
+        drop_dense_weights=False,
+    )
+
+
+def adapter_size(model) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return (Path(tmp) / "adapter_model.safetensors").stat().st_size
+
+
+def ppl(model, evaluation) -> float:
+    return perplexity(model, evaluation, batch_size=4, show_progress=False).perplexity
+
+
+def drop_dense(model) -> None:
+    for layer in model.base_model.layers("default").values():
+        layer.drop_dense_weight()
+
+
+def write(args: argparse.Namespace, part: str, record: dict) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"basis_sharing_{part}{args.tag}.json").write_text(json.dumps(record, indent=2))
+
+
+def compressed(args, stats, ratio, setting, update, calib):
+    """A fresh compressed model (dense weights dropped)."""
+    model, _ = load_model_and_tokenizer(args.model)
+    config = make_config(setting, ratio)
+    peft_model = get_basis_sharing_model(model, config, stats=stats)
+    if update:
+        update_coefficients_(peft_model, calib[: args.update_windows])
+    drop_dense(peft_model)
+    return peft_model.eval()
+
+
+# ---------------------------------------------------------------- parts
+def part_compress(args, meta) -> dict:
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    calib, evaluation = windows(args, tokenizer)
+    dense_ppl = None if args.no_dense else ppl(model, evaluation)
+    log(f"dense ppl {dense_ppl}")
+    stats = dense_stats(args, model, calib)
+    del model
+    rows = []
+    record = {**meta, "dense_ppl": dense_ppl, "rows": rows}
+    for ratio in args.ratios:
+        for setting in args.settings:
+            model, _ = load_model_and_tokenizer(args.model)
+            config = make_config(setting, ratio)
+            start = time.perf_counter()
+            peft_model = get_basis_sharing_model(
+                model, config, stats=stats if config.whitening else None
+            )
+            seconds = time.perf_counter() - start
+            counts = peft_model.base_model.parameter_counts()
+            row = {"ratio": ratio, "setting": setting, "group_size": config.group_size,
+                   "whitening": config.whitening, "compress_s": seconds, **counts,
+                   "measured_reduction": counts["removed"] / counts["dense"],
+                   "adapter_bytes": adapter_size(peft_model)}  # fmt: skip
+            row["ppl"] = ppl(peft_model, evaluation)
+            log(f"{ratio} {setting}: {row['ppl']:.3f}")
+            if setting != "svd" and not args.no_paper_update:
+                start = time.perf_counter()
+                update_coefficients_(peft_model, calib[: args.update_windows])
+                row["update_s"] = time.perf_counter() - start
+                row["ppl_updated"] = ppl(peft_model, evaluation)
+                log(f"{ratio} {setting} updated: {row['ppl_updated']:.3f}")
+            rows.append(row)
+            write(args, "compress", record)
+            del peft_model, model
+    print(compress_table(record))
+    return record
+
+
+def compress_table(record: dict) -> str:
+    lines = [
+        f"dense ppl {record['dense_ppl']}",
+        "| ratio | method | group | params dense -> compressed (targeted) | reduction | adapter "
+        "MiB | ppl | ppl + update | compress s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"svd": "plain SVD", "g1": "whitened SVD (SVD-LLM)"}
+    for r in record["rows"]:
+        upd = r.get("ppl_updated")
+        method = names.get(r["setting"], "Basis Sharing " + r["setting"])
+        lines.append(
+            f"| {r['ratio']:.0%} | {method} | {r['group_size']} | "
+            f"{r['dense']:,} -> {r['compressed']:,} | {r['measured_reduction']:.2%} | "
+            f"{r['adapter_bytes'] / 2**20:.1f} | {r['ppl']:.2f} | "
+            f"{'–' if upd is None else f'{upd:.2f}'} | {r['compress_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def part_recovery(args, meta) -> dict:
+    """Coefficient or LoRA fine-tuning with Trainer on calibration-split text (seed 1 windows).
+
+    LoRA sits on the coefficients of the factorized model (``unload_factorized``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sparse.basis_sharing import unload_factorized
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    calib, evaluation = windows(args, tokenizer)
+    stats = dense_stats(args, model, calib)
+    del model
+    peft_model = compressed(args, stats, args.ratio, args.setting, args.update, calib)
+    before = ppl(peft_model, evaluation)
+    log(f"before recovery {before:.3f}")
+    if args.recovery == "lora":
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["coefficient"])
+        peft_model = get_peft_model(unload_factorized(peft_model), lora)
+    train = calibration_windows(
+        tokenizer, "wikitext2", args.train_steps * args.train_batch, args.train_seq_len, seed=1
+    )
+    dataset = [{"input_ids": w, "labels": w.clone()} for w in train]
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        training = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=args.train_batch,
+            max_steps=args.train_steps, learning_rate=args.lr, lr_scheduler_type="constant",
+            logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
+            dataloader_num_workers=0, seed=0,
+        )  # fmt: skip
+        peft_model.train()
+        start = time.perf_counter()
+        result = Trainer(model=peft_model, args=training, train_dataset=dataset).train()
+        train_s = time.perf_counter() - start
+    after = ppl(peft_model.eval(), evaluation)
+    log(f"after recovery {after:.3f}")
+    record = {**meta, "ratio": args.ratio, "setting": args.setting, "updated": args.update,
+              "recovery": args.recovery, "lr": args.lr, "steps": args.train_steps,
+              "trainable_params": trainable, "train_tokens": train.numel(),
+              "train_loss": result.training_loss, "train_s": train_s,
+              "ppl_before": before, "ppl_after": after}  # fmt: skip
+    write(args, f"recovery_{args.recovery}", record)
+    print(json.dumps(record, indent=2))
+    return record
+
+
+def part_dynamic(args, meta) -> dict:
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    calib, evaluation = windows(args, tokenizer)
+    stats = dense_stats(args, model, calib)
+    del model
+    peft_model = compressed(args, stats, args.ratio, args.setting, args.update, calib)
+    rows = []
+    record = {**meta, "ratio": args.ratio, "setting": args.setting, "rows": rows}
+    runs = [("baseline", 1.0), ("prompt_adaptive", args.energy), ("global_static", args.energy)]
+    for strategy, energy in runs:
+        with dynamic_rank(peft_model, strategy, energy) as report:
+            value = ppl(peft_model, evaluation)
+        rows.append({"ppl": value, "budget": "energy", **report.to_dict()})
+        log(f"{strategy} energy {energy}: {value:.3f} rank fraction {report.mean_fraction:.3f}")
+        write(args, "dynamic", record)
+        if strategy == "prompt_adaptive":
+            adaptive_fraction = report.mean_fraction
+    # global_static at the same average rank as prompt_adaptive (energy found by bisection)
+    matched = energy_for_fraction(peft_model, adaptive_fraction)
+    with dynamic_rank(peft_model, "global_static", matched) as report:
+        value = ppl(peft_model, evaluation)
+    rows.append({"ppl": value, "budget": "prompt_adaptive's mean rank", **report.to_dict()})
+    log(f"global_static matched energy {matched:.4f}: {value:.3f} ({report.mean_fraction:.3f})")
+    write(args, "dynamic", record)
+    print(json.dumps(record, indent=2))
+    return record
+
+
+@torch.no_grad()
+def speed(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    prefill, decode = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        prefill.append(ids.numel() / (time.perf_counter() - start))
+        start = time.perf_counter()
+        out = model.generate(
+            input_ids=ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=0,
+        )  # fmt: skip
+        decode.append((out.shape[1] - 32) / (time.perf_counter() - start))
+    return {
+        "prefill_tok_s": statistics.median(prefill),
+        "generate_tok_s": statistics.median(decode),
+    }
+
+
+def part_throughput(args, meta) -> dict:
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    calib, evaluation = windows(args, tokenizer)
+    ids = evaluation[:1]
+    dense = speed(model.eval(), ids, 64, args.repeats)
+    dense_params = sum(p.numel() for p in model.parameters())
+    stats = dense_stats(args, model, calib)
+    del model
+    peft_model = compressed(args, stats, args.ratio, args.setting, False, calib)
+    compressed_params = sum(p.numel() for p in peft_model.parameters())
+    comp = speed(peft_model, ids, 64, args.repeats)
+    from hf_sparse.basis_sharing import unload_factorized
+
+    plain = unload_factorized(peft_model).eval()
+    factorized = speed(plain, ids, 64, args.repeats)
+    record = {**meta, "ratio": args.ratio, "setting": args.setting, "prompt_tokens": ids.numel(),
+              "new_tokens": 64, "dense": dense, "compressed_peft": comp,
+              "compressed_factorized": factorized, "dense_params": dense_params,
+              "compressed_params": compressed_params}  # fmt: skip
+    write(args, "throughput", record)
+    print(json.dumps(record, indent=2))
+    return record
+
+
+PARTS = {
+    "compress": part_compress,
+    "recovery": part_recovery,
+    "dynamic": part_dynamic,
+    "throughput": part_throughput,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    torch.set_num_threads(args.threads)
+    meta = {
+        "command": shlex.join([".venv/bin/python", "benchmarks/basis_sharing_bench.py",
+                               *sys.argv[1:]]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(),
+        "calibration": f"wikitext2 validation {args.calib_windows}x{args.seq_len} seed {args.seed}",
+        "evaluation": f"wikitext2 test first {args.eval_windows}x{args.seq_len}",
+        "update_windows": args.update_windows,
+    }  # fmt: skip
+    PARTS[args.part](args, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Basis Sharing: cross-layer shared SVD bases as a PEFT method (``BASIS_SHARING``).
+
+Wang et al., "Basis Sharing: Cross-Layer Parameter Sharing for Large Language Model
+Compression", ICLR 2025. Importing this package registers ``BASIS_SHARING`` with peft; do it
+before ``PeftModel.from_pretrained`` (otherwise ``KeyError: 'BASIS_SHARING'``).
+"""
+
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.utils import register_peft_method
+
+from .config import BASIS_SHARING, BasisSharingConfig
+from .core import (
+    SharedFactors,
+    compression_rank,
+    energy_rank,
+    refit_coefficients,
+    shared_basis_svd,
+    whitening_factor,
+)
+from .dynamic_rank import STRATEGIES, dynamic_rank
+from .factorized import FactorizedLinear, unload_factorized
+from .layer import BasisSharingLayer, Linear
+from .model import BasisSharingModel, compress_, get_basis_sharing_model
+from .plan import collect_input_stats, make_plan, parameter_counts
+from .update import update_coefficients_
+
+
+def _register() -> None:
+    """Register with peft, replacing an earlier registration (peft refuses a name twice)."""
+    for mapping in (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+        PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+    ):
+        mapping.pop(BASIS_SHARING, None)
+    register_peft_method(
+        name=BASIS_SHARING.value.lower(),
+        config_cls=BasisSharingConfig,
+        model_cls=BasisSharingModel,
+        prefix=BasisSharingModel.prefix,
+    )
+
+
+_register()
+
+__all__ = [
+    "BASIS_SHARING",
+    "STRATEGIES",
+    "BasisSharingConfig",
+    "BasisSharingLayer",
+    "BasisSharingModel",
+    "FactorizedLinear",
+    "Linear",
+    "SharedFactors",
+    "collect_input_stats",
+    "compress_",
+    "compression_rank",
+    "dynamic_rank",
+    "energy_rank",
+    "get_basis_sharing_model",
+    "make_plan",
+    "parameter_counts",
+    "refit_coefficients",
+    "shared_basis_svd",
+    "unload_factorized",
+    "update_coefficients_",
+    "whitening_factor",
+]
