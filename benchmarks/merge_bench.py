@@ -311,7 +311,7 @@ def peers(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, str(ROOT))
         from tests.conftest import build_tiny_model
-        from tests.merging.conftest import perturbed_copy
+        from tests.merging.family import perturbed_copy
 
         tiny = build_tiny_model("llama")
         tiny.save_pretrained(Path(tmp) / "base")

@@ -9,6 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+# Fixtures that live in plain modules (sub-folders hold no conftest.py of their own, so that
+# `from conftest import ...` always means this file).
+pytest_plugins = ["tests.merging.family"]
+
 ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox"]
 
 HIDDEN = 32

@@ -15,7 +15,7 @@ import hf_sparse  # noqa: F401  (registers MASKED_LR)
 from hf_sparse.cli import main
 from hf_sparse.merging.pipeline import merge_recipe_from_dict, run_merge_recipe
 from tests.conftest import build_tiny_model, build_word_tokenizer
-from tests.merging.conftest import perturbed_copy
+from tests.merging.family import perturbed_copy
 
 TEXT = " ".join(f"w{i % 97} w{(i * 7) % 89}" for i in range(3000))
 

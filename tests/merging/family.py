@@ -1,4 +1,7 @@
-"""Tiny base models and fine-tunes written to temporary folders (mergekit's way of testing)."""
+"""Tiny base models and fine-tunes written to temporary folders (mergekit's way of testing).
+
+A plain module, not a conftest.py: test folders hold no conftest of their own, so that
+`from conftest import ...` always finds tests/conftest.py."""
 
 from __future__ import annotations
 
