@@ -5,14 +5,7 @@ Compression", ICLR 2025. Importing this package registers ``BASIS_SHARING`` with
 before ``PeftModel.from_pretrained`` (otherwise ``KeyError: 'BASIS_SHARING'``).
 """
 
-from peft.mapping import (
-    PEFT_TYPE_TO_CONFIG_MAPPING,
-    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-    PEFT_TYPE_TO_PREFIX_MAPPING,
-    PEFT_TYPE_TO_TUNER_MAPPING,
-)
-from peft.utils import register_peft_method
-
+from ..peft_registry import register_tuner
 from .config import BASIS_SHARING, BasisSharingConfig
 from .core import (
     SharedFactors,
@@ -29,25 +22,7 @@ from .model import BasisSharingModel, compress_, get_basis_sharing_model
 from .plan import collect_input_stats, make_plan, parameter_counts
 from .update import update_coefficients_
 
-
-def _register() -> None:
-    """Register with peft, replacing an earlier registration (peft refuses a name twice)."""
-    for mapping in (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-        PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-    ):
-        mapping.pop(BASIS_SHARING, None)
-    register_peft_method(
-        name=BASIS_SHARING.value.lower(),
-        config_cls=BasisSharingConfig,
-        model_cls=BasisSharingModel,
-        prefix=BasisSharingModel.prefix,
-    )
-
-
-_register()
+register_tuner(BASIS_SHARING, BasisSharingConfig, BasisSharingModel)
 
 __all__ = [
     "BASIS_SHARING",

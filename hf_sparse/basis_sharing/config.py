@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from peft.config import PeftConfig
 
 from ..config_utils import help_field
-from ..masked_lr.config import add_peft_type
 from ..models import ROLES
+from ..peft_registry import add_peft_type
 
 PEFT_TYPE_NAME = "BASIS_SHARING"
 BASIS_SHARING = add_peft_type(PEFT_TYPE_NAME)

@@ -7,35 +7,11 @@ import os
 from dataclasses import dataclass
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
 
 from ..config_utils import help_field
+from ..peft_registry import add_peft_type
 
 PEFT_TYPE_NAME = "MASKED_LR"
-
-
-def add_peft_type(name: str) -> PeftType:
-    """Add ``name`` to peft's closed ``PeftType`` enum (once; later calls return the member).
-
-    ``register_peft_method`` only accepts names already in ``PeftType``, and a ``str`` enum cannot
-    be extended through its public API, so the member is built the way ``enum`` builds its own
-    and entered in the three tables that lookups use (``PeftType.X``, ``PeftType("X")``,
-    iteration). It compares and hashes as the plain string, which is what
-    ``adapter_config.json`` stores.
-    """
-    existing = PeftType._member_map_.get(name)
-    if existing is not None:
-        return existing
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    setattr(PeftType, name, member)  # allowed until the name is in _member_map_
-    PeftType._member_names_.append(name)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    return member
 
 
 MASKED_LR = add_peft_type(PEFT_TYPE_NAME)

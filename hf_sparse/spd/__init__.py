@@ -8,14 +8,7 @@ Importing this package registers ``SPD`` with peft, so ``PeftModel.from_pretrain
 saved decomposition.
 """
 
-from peft.mapping import (
-    PEFT_TYPE_TO_CONFIG_MAPPING,
-    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-    PEFT_TYPE_TO_PREFIX_MAPPING,
-    PEFT_TYPE_TO_TUNER_MAPPING,
-)
-from peft.utils import register_peft_method
-
+from ..peft_registry import register_tuner
 from .config import SPD, SPDConfig, SPDLossConfig
 from .experiments import EXPERIMENTS, get_experiment
 from .layer import Linear, SPDLayer
@@ -31,22 +24,7 @@ from .objective import spd_loss
 from .toy_run import run_toy_experiment
 from .trainer import SPDTrainer
 
-
-def _register() -> None:
-    """Register with peft, replacing an earlier registration (peft refuses a name twice)."""
-    for mapping in (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-        PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-    ):
-        mapping.pop(SPD, None)
-    register_peft_method(
-        name=SPD.value.lower(), config_cls=SPDConfig, model_cls=SPDModel, prefix=SPDModel.prefix
-    )
-
-
-_register()
+register_tuner(SPD, SPDConfig, SPDModel)
 
 __all__ = [
     "EXPERIMENTS",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from peft.config import PeftConfig
 
 from ..config_utils import help_field
-from ..masked_lr.config import add_peft_type
+from ..peft_registry import add_peft_type
 from .core import RECON_LOSSES, check_pnorm
 
 PEFT_TYPE_NAME = "SPD"
