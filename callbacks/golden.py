@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hf_sparse.importance import as_samples, golden_masks
+from hf_sparse.importance import golden_masks
+from hf_sparse.importance.samples import first_samples
 from hf_sparse.masked import ParameterMasks, check_percent
 from hf_sparse.trainers import freeze_parameters_without_masks, set_optimizer_masks
 
@@ -43,14 +44,7 @@ def _examples_from_batches(dataloader, num_samples: int) -> list[dict[str, torch
     """The first ``num_samples`` samples of the collated train batches, padding removed."""
     if dataloader is None:
         raise ValueError("no masks_file and no train dataloader to compute golden masks from")
-    examples = []
-    for batch in dataloader:
-        examples.extend(as_samples([batch]))
-        if len(examples) >= num_samples:
-            return examples[:num_samples]
-    if not examples:
-        raise ValueError("the train dataloader is empty: no samples for golden masks")
-    return examples
+    return first_samples(dataloader, num_samples, "golden masks")
 
 
 class GoldenMaskCallback(TrainerCallback):

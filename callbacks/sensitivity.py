@@ -26,7 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_sparse.analysis import jaccard_matrix, resolve_count, spearman_matrix, top_k_entries
-from hf_sparse.importance import IMPORTANCE_METRICS, as_samples, compute_importance
+from hf_sparse.importance import IMPORTANCE_METRICS, compute_importance
+from hf_sparse.importance.samples import first_samples
 from hf_sparse.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -86,13 +87,7 @@ class SensitivityCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if train_dataloader is None:
             raise ValueError("SensitivityCallback needs the train dataloader for its samples")
-        for batch in train_dataloader:
-            self.samples.extend(as_samples([batch]))
-            if len(self.samples) >= self.num_samples:
-                break
-        self.samples = self.samples[: self.num_samples]
-        if not self.samples:
-            raise ValueError("the train dataloader is empty: no samples to score")
+        self.samples = first_samples(train_dataloader, self.num_samples, "sensitivity scores")
         if self._due(state.global_step):
             self._snapshot(model, state.global_step)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from hf_sparse.importance import as_samples
+from hf_sparse.importance.samples import first_samples
 from hf_sparse.merging.core import ObsOptions, check_density
 from hf_sparse.merging.sparse_delta import (
     base_hessians,
@@ -47,14 +47,7 @@ OUTPUT_SUBDIR = "pruned_task_vector"
 def _first_samples(dataloader, count: int) -> list[dict]:
     if dataloader is None:
         raise ValueError("sparsegpt_tv needs calibration samples: the train dataloader is missing")
-    samples = []
-    for batch in dataloader:
-        samples.extend(as_samples([batch]))
-        if len(samples) >= count:
-            break
-    if not samples:
-        raise ValueError("the train dataloader is empty: no calibration samples for Hessians")
-    return samples[:count]
+    return first_samples(dataloader, count, "the base Hessians")
 
 
 class TaskVectorPruneCallback(TrainerCallback):

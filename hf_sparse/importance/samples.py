@@ -83,6 +83,19 @@ def as_samples(batches: Any) -> list[dict[str, torch.Tensor]]:
     return samples
 
 
+def first_samples(batches: Any, count: int, purpose: str) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` samples of collated batches (e.g. a train dataloader), padding
+    removed, reading no more batches than needed; an error naming ``purpose`` if empty."""
+    samples: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        samples.extend(as_samples([batch]))
+        if len(samples) >= count:
+            break
+    if not samples:
+        raise ValueError(f"the train dataloader is empty: no samples for {purpose}")
+    return samples[:count]
+
+
 def apply_prompt_fn(
     dataset: Sequence[Any], prompt_fn: PromptFn | None, limit: int | None = None
 ) -> list[dict[str, torch.Tensor]]:
