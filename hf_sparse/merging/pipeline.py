@@ -38,7 +38,6 @@ from ..config_utils import from_dict, to_dict
 from ..data import calibration_windows, evaluation_windows
 from ..evaluation import perplexity
 from ..io import atomic_output_dir, check_output_dir, write_json_atomic
-from ..models import is_linear
 from ..real_model import KNOWN_MODELS
 from ..recipes import CalibrationConfig, EvaluationConfig, read_recipe_file
 from .config import MergeConfig, MergeSource
@@ -266,6 +265,20 @@ def _results(result: MergeResult, metrics: dict[str, Any], model: nn.Module) -> 
     }
 
 
+def _merge_files(
+    result: MergeResult, metrics: dict[str, Any] | None, base: nn.Module, recipe, adapter: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The results JSON and the text files (card, recipe) that go with a merge output."""
+    from ..hub import render_merge_card
+
+    results = _results(result, metrics or {}, base)
+    card = render_merge_card(results, recipe, results["base_model"], adapter=adapter)
+    files = {"README.md": card}
+    if recipe is not None:
+        files[RECIPE_FILE] = yaml.safe_dump(recipe, sort_keys=False)
+    return results, files
+
+
 def save_merged_model(
     model: nn.Module,
     tokenizer,
@@ -277,34 +290,16 @@ def save_merged_model(
 ) -> Path:
     """The merged model as a plain ``from_pretrained`` folder (safetensors, a ``merging`` block
     in config.json), with the recipe, results and a model card."""
-    from ..hub import render_merge_card
-
-    results = _results(result, metrics or {}, model)
+    results, files = _merge_files(result, metrics, model, recipe, adapter=False)
     with atomic_output_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(results, tmp / RESULTS_FILE)
-        if recipe is not None:
-            (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
-        (tmp / "README.md").write_text(render_merge_card(results, recipe, results["base_model"]))
+        for filename, text in files.items():
+            (tmp / filename).write_text(text)
     logger.info("saved merged model to %s", output_dir)
     return Path(output_dir)
-
-
-def check_adapter_deltas(base: nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    """A sparse-delta adapter holds deltas of linear weights only."""
-    modules = dict(base.named_modules())
-    others = [
-        name
-        for name in deltas
-        if not (name.endswith(".weight") and is_linear(modules.get(name[: -len(".weight")])))
-    ]
-    if others:
-        raise ValueError(
-            f"an adapter output can carry deltas of linear weights only, but the merge changed "
-            f"{others[:4]}{' ...' if len(others) > 4 else ''}; use `output: full`"
-        )
 
 
 def save_merged_adapter(
@@ -318,14 +313,8 @@ def save_merged_adapter(
 ) -> Path:
     """The merged task vector as a sparse-delta (``MASKED_LR``) adapter on the unmerged
     ``base``: ``PeftModel.from_pretrained(base, dir)`` (after ``import hf_sparse``) gives the
-    merged model's weights."""
-    from ..hub import render_merge_card
-
-    check_adapter_deltas(base, result.deltas)
-    results = _results(result, metrics or {}, base)
-    files = {"README.md": render_merge_card(results, recipe, results["base_model"], adapter=True)}
-    if recipe is not None:
-        files[RECIPE_FILE] = yaml.safe_dump(recipe, sort_keys=False)
+    merged model's weights. Deltas of anything but linear weights are refused."""
+    results, files = _merge_files(result, metrics, base, recipe, adapter=True)
     saved = save_sparse_delta_adapter(
         base, result.deltas, output_dir, overwrite, results, files, tokenizer, RESULTS_FILE
     )

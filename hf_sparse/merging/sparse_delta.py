@@ -126,13 +126,15 @@ def save_sparse_delta_adapter(
 
     modules = dict(base.named_modules())
     by_module = {name.removesuffix(".weight"): delta for name, delta in deltas.items()}
+    others = [name for name in by_module if not is_linear(modules.get(name))]
+    if others:
+        raise ValueError(
+            f"a sparse-delta adapter holds deltas of linear weights only, but {others[:4]}"
+            f"{' ...' if len(others) > 4 else ''} are not; save a full model instead "
+            "(merge recipes: `output: full`)"
+        )
     for name, delta in by_module.items():
-        module = modules.get(name)
-        if not is_linear(module):
-            raise ValueError(
-                f"a sparse-delta adapter holds linear-layer deltas only; {name} is "
-                f"{type(module).__name__ if module is not None else 'not a module of the base'}"
-            )
+        module = modules[name]
         if tuple(delta.shape) != tuple(module.weight.shape):
             raise ValueError(
                 f"delta of {name} has shape {tuple(delta.shape)}, the weight is "

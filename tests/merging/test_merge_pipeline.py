@@ -167,3 +167,17 @@ def test_shipped_merge_recipes_run_on_tiny_models(path, family):
     weights = "adapter_model" if data.get("output") == "adapter" else "model"
     assert (tmp / "out" / f"{weights}.safetensors").exists()
     assert run.metrics["density"] > 0
+
+
+def test_adapter_output_refuses_non_linear_deltas_and_writes_nothing(family):
+    _, base_dir, folders, tmp = family
+    changed = build_tiny_model("llama")
+    with torch.no_grad():
+        changed.model.norm.weight.add_(0.5)
+    changed.save_pretrained(tmp / "norm-changed")
+    recipe = merge_recipe_from_dict(
+        _recipe(base_dir, [folders[0], tmp / "norm-changed"], output="adapter")
+    )
+    with pytest.raises(ValueError, match="deltas of linear weights only.*model.norm"):
+        run_merge_recipe(recipe, output_dir=tmp / "never", show_progress=False)
+    assert not (tmp / "never").exists()
