@@ -120,3 +120,8 @@ class AnalysisConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"analysis.{name} must be an integer >= 0, got {value!r}")
+        if self.stability_subsets > self.num_samples:
+            raise ValueError(
+                f"stability_subsets ({self.stability_subsets}) exceeds num_samples "
+                f"({self.num_samples}): fewer windows than subsets"
+            )

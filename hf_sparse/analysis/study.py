@@ -143,7 +143,9 @@ def _score(model, windows, config: AnalysisConfig, seed: int, show_progress: boo
     )
 
 
-def _stability(model, tokenizer, config, scores, count, show_progress) -> dict[str, Any]:
+def _stability(model, tokenizer, config, windows, scores, count, show_progress) -> dict[str, Any]:
+    """``windows`` and ``scores``: the study's own scoring windows (seed ``config.seed``) and
+    their scores, reused wherever that seed is asked for."""
     out: dict[str, Any] = {"metric": config.metric, "top_k": count}
 
     def compare(score_sets: list[dict], labels: list[str]) -> dict[str, Any]:
@@ -157,26 +159,21 @@ def _stability(model, tokenizer, config, scores, count, show_progress) -> dict[s
     if len(config.stability_seeds) > 1:
         sets = []
         for seed in config.stability_seeds:
-            windows = calibration_windows(
+            if seed == config.seed:
+                sets.append(scores)
+                continue
+            drawn = calibration_windows(
                 tokenizer, config.dataset, config.num_samples, config.sequence_length, seed
             )
-            sets.append(_score(model, windows, config, seed, show_progress))
+            sets.append(_score(model, drawn, config, seed, show_progress))
         out["seeds"] = compare(sets, [f"seed {s}" for s in config.stability_seeds])
     if config.stability_subsets > 1:
-        windows = calibration_windows(
-            tokenizer, config.dataset, config.num_samples, config.sequence_length, config.seed
-        )
         parts = windows.tensor_split(config.stability_subsets)
-        if min(p.shape[0] for p in parts) < 1:
-            raise ValueError("stability_subsets exceeds num_samples: fewer windows than subsets")
         sets = [_score(model, p, config, config.seed, show_progress) for p in parts]
         out["subsets"] = compare(sets, [f"subset {i}" for i in range(len(parts))])
     if config.checkpoints:
         from transformers import AutoModelForCausalLM
 
-        windows = calibration_windows(
-            tokenizer, config.dataset, config.num_samples, config.sequence_length, config.seed
-        )
         sets = []
         for folder in config.checkpoints:
             checkpoint = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -273,7 +270,7 @@ def run_study(
         with perturbed(model, top, "zero"):
             after = downstream_eval(model, tokenizer, tasks, config.downstream_limit)
         results["downstream"] = {"top_k": count, "before": before, "after_zeroing_top_k": after}
-    stability = _stability(model, tokenizer, config, scores, count, show_progress)
+    stability = _stability(model, tokenizer, config, windows, scores, count, show_progress)
     stats["clusters"] = _clusters(scores, top, config)
     rows = _top_rows(scores, top)
     settings = {

@@ -71,6 +71,7 @@ def test_study_writes_every_file_and_the_report_matches_the_json(setup):
         ({"mode": "row"}, "unknown mode 'row'"),
         ({"perturbations": [{"kind": "blur"}]}, "unknown perturbation 'blur'"),
         ({"downstream_tasks": ["mmlu"]}, "unknown downstream task"),
+        ({"stability_subsets": 5}, "stability_subsets \\(5\\) exceeds num_samples \\(4\\)"),
     ],
 )
 def test_config_errors(setup, overrides, message):
