@@ -2,11 +2,11 @@
 random and bottom-k controls, stability (Jaccard, Spearman) across seeds / inputs /
 checkpoints, and per-component / per-depth breakdowns.
 
-So far: the building blocks, the perturbation study with controls
-(``perturbation_study``), clustering of sensitivity profiles (``clustering``), lm-eval on local
-LAMBADA / HellaSwag (``downstream``) and ``hf_sparse.callbacks.SensitivityCallback``. The
-one-command study (``hf-sparse analyze``), plots, the HTML report and the recipe are still to
-come (issue 4).
+The study (``study.run_study``, ``hf-sparse analyze``) runs every part and writes one folder
+with JSON files, plots, ``report.html`` and a manifest; ``report.verify_study`` checks such a
+folder against itself (digests, every figure redrawn from the JSON, every key number).
+Also: clustering of sensitivity profiles (``clustering``), lm-eval on local LAMBADA /
+HellaSwag (``downstream``) and ``hf_sparse.callbacks.SensitivityCallback``.
 """
 
 from .breakdown import COMPONENTS, breakdown, component_of, layer_of

@@ -282,3 +282,61 @@ def write_report(path: Path, settings, stats, results, stability, figures) -> No
         "<p>Files: config.json, sensitivity_stats.json, top_weights.csv, "
         "perturbation_results.json, stability.json, manifest.json.</p></body></html>"
     )
+
+
+def _decoded(png: bytes):
+    import io
+
+    import matplotlib.image
+
+    return matplotlib.image.imread(io.BytesIO(png), format="png")
+
+
+def verify_study(folder: str | Path) -> list[str]:
+    """Check a study folder against itself; returns the problems found (empty = consistent).
+
+    - every file in ``manifest.json`` has the recorded sha256;
+    - every figure, drawn again from the JSON files on disk, has the same pixels as its PNG
+      under ``plots/`` and as the image embedded in ``report.html`` (in the same order);
+    - every key number, formatted again from the JSON files, appears in ``report.html``.
+    """
+    import hashlib
+    import json
+    import re
+    import tempfile
+
+    import numpy as np
+
+    folder = Path(folder)
+    problems: list[str] = []
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    for name, digest in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: listed in the manifest but missing")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    load = lambda name: json.loads((folder / name).read_text())  # noqa: E731
+    settings, stats = load("config.json"), load("sensitivity_stats.json")
+    results, stability = load("perturbation_results.json"), load("stability.json")
+    report = (folder / "report.html").read_text()
+    embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", report)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = write_plots(Path(tmp), stats, results, stability)
+        if len(figures) != len(embedded):
+            problems.append(f"report embeds {len(embedded)} figures, the JSON gives {len(figures)}")
+        for position, (file, title, _) in enumerate(figures):
+            redrawn = _decoded((Path(tmp) / file).read_bytes())
+            on_disk = folder / "plots" / file
+            if not on_disk.is_file():
+                problems.append(f"plots/{file} ({title}): missing")
+            elif not np.array_equal(redrawn, _decoded(on_disk.read_bytes())):
+                problems.append(f"plots/{file} ({title}): differs from the JSON's figure")
+            if position < len(embedded) and not np.array_equal(
+                redrawn, _decoded(base64.b64decode(embedded[position]))
+            ):
+                problems.append(f"report figure {position} ({title}): differs from the JSON's")
+    for key, value in _key_numbers(settings, stats, results, stability):
+        if html.escape(value) not in report:
+            problems.append(f"report key number {key!r} = {value!r} not found")
+    return problems

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hf_sparse.analysis.config import AnalysisConfig
+from hf_sparse.analysis.report import verify_study
 from hf_sparse.analysis.study import run_study
 from tests.conftest import build_tiny_model, build_word_tokenizer
 
@@ -62,6 +63,15 @@ def test_study_writes_every_file_and_the_report_matches_the_json(setup):
     assert sum(v["top"] for v in stats["breakdown"]["component"].values()) == 40
     stability = json.loads((out / "stability.json").read_text())
     assert len(stability["seeds"]["jaccard"]) == 2 and len(stability["subsets"]["spearman"]) == 2
+    assert verify_study(out) == []
+    # the check catches a figure or a number that no longer matches the JSON files
+    results["points"][0]["top"]["perplexity"] *= 3.0
+    (out / "perturbation_results.json").write_text(json.dumps(results))
+    problems = verify_study(out)
+    assert any("perturbation_results.json: sha256" in p for p in problems)
+    assert any(p.startswith("plots/perturbation_") for p in problems), problems
+    assert any(p.startswith("report figure") for p in problems)
+    assert any("key number" in p for p in problems)
 
 
 @pytest.mark.parametrize(
