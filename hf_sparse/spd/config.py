@@ -33,6 +33,24 @@ def _check_number(field: str, value: object, minimum: float = 0.0, strict: bool 
         raise ValueError(f"{field} must be a finite number {bound}, got {value!r}")
 
 
+def _check_tied_modules(tied: object) -> None:
+    if tied is None:
+        return
+    ok = isinstance(tied, dict) and all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in tied.items()
+    )
+    if not ok:
+        raise ValueError(
+            f"tied_modules must map module names to module names, e.g. "
+            f"{{'linear2': 'linear1'}}, got {tied!r}"
+        )
+    both = sorted(set(tied) & set(tied.values()))
+    if both:
+        raise ValueError(
+            f"tied_modules: {both} are both tied and a source; tie every layer to an untied one"
+        )
+
+
 @dataclass
 class SPDConfig(PeftConfig):
     """Decompose each target linear into ``C`` rank-one subcomponents with causal-importance
@@ -52,7 +70,7 @@ class SPDConfig(PeftConfig):
 
     YAML (recipe ``spd:`` block)::
 
-        spd: {C: 20, target_modules: [linear1, linear2], gate_hidden: 16}
+        spd: {C: 20, target_modules: [linear1, linear2], tied_modules: {linear2: linear1}}
     """
 
     C: int = help_field(
@@ -77,6 +95,13 @@ class SPDConfig(PeftConfig):
         "reconstruction, so the decomposition need not be exactly faithful while it trains.",
         True,
     )
+    tied_modules: dict[str, str] | None = help_field(
+        "Decomposed layers that reuse another's components transposed, {tied: source} (module "
+        "names or name suffixes, both in target_modules): for targets whose weights are tied "
+        "transposes, e.g. TMS's {'linear2': 'linear1'}, one set of components then decomposes "
+        "both (the reference implementation ties TMS this way). Each keeps its own gates.",
+        None,
+    )
     leak: float = help_field(
         "Gradient slope on the leaky side of the hard sigmoids (> 0; the paper's 0.01).", 0.01
     )
@@ -94,6 +119,7 @@ class SPDConfig(PeftConfig):
         _check_int("C", self.C, 1, "give each target matrix at least one subcomponent")
         _check_int("gate_hidden", self.gate_hidden, 1, "the paper uses 16")
         _check_number("leak", self.leak, 0.0, strict=True)
+        _check_tied_modules(self.tied_modules)
         if self.target_modules is None:
             raise ValueError(
                 "SPDConfig.target_modules is required: name the linear layers to decompose, "

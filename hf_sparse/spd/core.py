@@ -24,7 +24,8 @@ P_EPS = 1e-12  # keeps the gradient of g**p finite at g = 0 when p < 1
 
 
 class _LowerLeakyHardSigmoid(torch.autograd.Function):
-    """Forward ``clamp(x, 0, 1)``; backward slope ``leak`` for ``x < 0``, 1 inside, 0 above."""
+    """Forward ``clamp(x, 0, 1)``; backward 1 inside, 0 above 1, and below 0 a slope ``leak``
+    for gradients that ask for a larger value only (``grad < 0``)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, leak: float) -> torch.Tensor:
@@ -35,44 +36,32 @@ class _LowerLeakyHardSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
-        slope = torch.where(x < 0, ctx.leak, torch.where(x <= 1, 1.0, 0.0)).to(grad.dtype)
-        return grad * slope, None
-
-
-class _UpperLeakyHardSigmoid(torch.autograd.Function):
-    """Forward ``clamp(x, 0, 1)``; backward 0 for ``x < 0``, 1 inside, slope ``leak`` above."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, leak: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.leak = leak
-        return x.clamp(0.0, 1.0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (x,) = ctx.saved_tensors
-        slope = torch.where(x < 0, 0.0, torch.where(x <= 1, 1.0, ctx.leak)).to(grad.dtype)
-        return grad * slope, None
+        below = torch.where(grad < 0, ctx.leak * grad, torch.zeros_like(grad))
+        inside = torch.where(x <= 1, grad, torch.zeros_like(grad))
+        return torch.where(x <= 0, below, inside), None
 
 
 def lower_leaky_hard_sigmoid(x: torch.Tensor, leak: float = DEFAULT_LEAK) -> torch.Tensor:
-    """Hard sigmoid whose gradient leaks below 0 (SPD's ``sigma_H,lower``).
+    """Hard sigmoid whose gradient leaks below 0 (SPD's ``sigma_H,lower``), in one direction.
 
-    Used for the causal importances that build the masks: a component whose gate is shut
-    (pre-activation < 0) still receives a small reconstruction gradient and can come back. The
-    value itself is clamped to ``[0, 1]`` (as in the reference implementation), so masks stay
-    in ``[0, 1]``.
+    Used for the causal importances that build the masks. The value is clamped to ``[0, 1]``
+    so masks stay in ``[0, 1]``. A shut gate (pre-activation <= 0) still receives ``leak``
+    times a reconstruction gradient that asks to switch it on, so a component that is needed
+    can come back; a gradient that would push it further below 0 is dropped, so shut gates do
+    not drift ever more negative (the reference implementation's rule, goodfire-ai/spd
+    ``LowerLeakyHardSigmoidFunction``).
     """
     return _LowerLeakyHardSigmoid.apply(x, leak)
 
 
 def upper_leaky_hard_sigmoid(x: torch.Tensor, leak: float = DEFAULT_LEAK) -> torch.Tensor:
-    """Hard sigmoid whose gradient leaks above 1 (SPD's ``sigma_H,upper``).
+    """Hard sigmoid that leaks above 1 (SPD's ``sigma_H,upper``): ``0`` below 0, ``x`` in
+    ``[0, 1]``, ``1 + leak (x - 1)`` above.
 
-    Used for the importance-minimality penalty: a gate pushed past 1 is still pulled back, and a
-    shut gate (pre-activation < 0) gets no gradient from the penalty.
+    Used for the importance-minimality penalty: a gate pushed past 1 still costs (and is
+    pulled back), and a shut gate (pre-activation < 0) gets no gradient from the penalty.
     """
-    return _UpperLeakyHardSigmoid.apply(x, leak)
+    return torch.where(x > 1, 1 + leak * (x - 1), x.clamp(0.0, 1.0))
 
 
 def inner_acts(x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -99,7 +88,7 @@ def gate_mlp(
 def causal_importances(
     pre: torch.Tensor, leak: float = DEFAULT_LEAK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g_lower, g_upper)``: the same values in ``[0, 1]``, with the two gradient leaks."""
+    """``(g_lower, g_upper)``: equal in ``[0, 1]``; they differ in their leaks (above)."""
     return lower_leaky_hard_sigmoid(pre, leak), upper_leaky_hard_sigmoid(pre, leak)
 
 

@@ -47,7 +47,13 @@ class SPDLayer(BaseTunerLayer):
         "spd_gate_w2",
         "spd_gate_b2",
     )
-    other_param_names = ("spd_leak", "spd_use_delta", "spd_keep", "spd_ci_threshold")
+    other_param_names = (
+        "spd_leak",
+        "spd_use_delta",
+        "spd_keep",
+        "spd_ci_threshold",
+        "spd_tied_to",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         if not isinstance(base_layer, nn.Linear | Conv1D):
@@ -62,6 +68,9 @@ class SPDLayer(BaseTunerLayer):
         self.spd_use_delta: dict[str, bool] = {}
         self.spd_keep: dict[str, torch.Tensor | None] = {}
         self.spd_ci_threshold: dict[str, float | None] = {}
+        # adapter -> the layer whose components this one uses transposed (a plain dict, so the
+        # source is not registered twice as a submodule)
+        self.spd_tied_to: dict[str, SPDLayer] = {}
         self.spd_include_delta = False
         self.spd_runtime: SPDRuntime | None = None
         self._disable_adapters = False
@@ -80,13 +89,15 @@ class SPDLayer(BaseTunerLayer):
         d_out, d_in = self.d_out_in
         C, H = config.C, config.gate_hidden
         weight = weight_matrix(self.get_base_layer())
-        # V reads inputs (fan-in d_in); U writes outputs from C inner activations.
+        # V reads inputs (fan-in d_in); U writes outputs from C inner activations. The gates'
+        # first layer has fan-in 1 and feeds a GELU: Kaiming's ReLU gain sqrt(2), as the
+        # reference implementation initialises it.
         V = torch.randn(C, d_in) / math.sqrt(d_in)
         U = torch.randn(d_out, C) / math.sqrt(C)
         values = {
             "spd_V": V,
             "spd_U": U,
-            "spd_gate_w1": torch.randn(C, H),
+            "spd_gate_w1": torch.randn(C, H) * math.sqrt(2.0),
             "spd_gate_b1": torch.zeros(C, H),
             "spd_gate_w2": torch.randn(C, H) / math.sqrt(H),
             "spd_gate_b2": torch.zeros(C),
@@ -104,15 +115,45 @@ class SPDLayer(BaseTunerLayer):
     # The decomposition, read by model.py, the trainer and the metrics.
 
     def spd_adapter(self) -> str:
-        active = [name for name in self.active_adapters if name in self.spd_U]
+        active = [name for name in self.active_adapters if name in self.spd_gate_b2]
         if not active:
             raise RuntimeError("this SPD layer has no active SPD adapter")
         return active[0]
 
     def components(self, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U [d_out, C], V [C, d_in])`` of an adapter (the active one by default)."""
+        """``(U [d_out, C], V [C, d_in])`` of an adapter (the active one by default); for a
+        tied layer, the source's ``(V^T, U^T)``."""
         name = adapter_name or self.spd_adapter()
+        source = self.spd_tied_to.get(name)
+        if source is not None:
+            U, V = source.components(name)
+            return V.t(), U.t()
         return self.spd_U[name], self.spd_V[name]
+
+    def component_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
+        """The parameters that hold this layer's own ``U`` and ``V`` (none when tied)."""
+        name = adapter_name or self.spd_adapter()
+        return [d[name] for d in (self.spd_U, self.spd_V) if name in d]
+
+    def tie_components_(self, source: SPDLayer, adapter_name: str) -> None:
+        """Use ``source``'s components transposed (``U = V_s^T``, ``V = U_s^T``) from now on
+        and drop this layer's own: for a target whose weight is the transpose of the
+        source's (TMS's tied ``linear2 = linear1^T``), one set of rank-one components then
+        decomposes both, as in the reference implementation's TMS runs."""
+        if source is self or source.spd_tied_to.get(adapter_name) is not None:
+            raise ValueError("tied_modules: a layer can be tied only to an untied other layer")
+        d_out, d_in = self.d_out_in
+        if source.d_out_in != (d_in, d_out):
+            raise ValueError(
+                f"tied_modules: a tied layer's weight must be the transpose's shape of its "
+                f"source's, got {(d_out, d_in)} and {source.d_out_in}"
+            )
+        sizes = (self.spd_U[adapter_name].shape[1], source.spd_U[adapter_name].shape[1])
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"tied_modules: C differs ({sizes[0]} vs {sizes[1]})")
+        del self.spd_U[adapter_name]
+        del self.spd_V[adapter_name]
+        self.spd_tied_to[adapter_name] = source
 
     def target_weight(self) -> torch.Tensor:
         """The frozen weight as ``[d_out, d_in]``."""
@@ -124,7 +165,7 @@ class SPDLayer(BaseTunerLayer):
         """``(g_lower, g_upper)`` of every subcomponent for inputs ``x: [..., d_in]``."""
         name = adapter_name or self.spd_adapter()
         pre = gate_mlp(
-            inner_acts(x, self.spd_V[name]),
+            inner_acts(x, self.components(name)[1]),
             self.spd_gate_w1[name],
             self.spd_gate_b1[name],
             self.spd_gate_w2[name],
@@ -142,7 +183,7 @@ class SPDLayer(BaseTunerLayer):
         """Run with only the ``keep`` components (bool ``[C]``; None = all), and/or only those
         whose causal importance on the current input exceeds ``ci_threshold``."""
         name = adapter_name or self.spd_adapter()
-        C = self.spd_U[name].shape[1]
+        C = self.spd_gate_b2[name].shape[0]
         if keep is not None:
             keep = torch.as_tensor(keep)
             if keep.dtype != torch.bool or tuple(keep.shape) != (C,):
@@ -174,11 +215,11 @@ class Linear(nn.Module, SPDLayer):
         return None
 
     def _delta(self, name: str) -> torch.Tensor:
-        return weight_delta(self.target_weight(), self.spd_U[name], self.spd_V[name])
+        return weight_delta(self.target_weight(), *self.components(name))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         kwargs.pop("adapter_names", None)
-        active = [name for name in self.active_adapters if name in self.spd_U]
+        active = [name for name in self.active_adapters if name in self.spd_gate_b2]
         run = self.spd_runtime
         if self.disable_adapters or not active or (run is not None and run.mode == "target"):
             if run is not None and run.capture:
@@ -186,7 +227,7 @@ class Linear(nn.Module, SPDLayer):
             return self.base_layer(x, *args, **kwargs)
         name = active[0]
         base = self.get_base_layer()
-        U, V = self.spd_U[name], self.spd_V[name]
+        U, V = self.components(name)
         x = x.to(V.dtype)
         if run is not None:  # masked: SPD training
             delta = self._delta(name) if run.use_delta and self.spd_use_delta[name] else None

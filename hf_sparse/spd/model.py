@@ -49,8 +49,12 @@ class SPDModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        check_targets(model, self.peft_config[adapter_name])  # before any layer is replaced
+        config = self.peft_config[adapter_name]
+        check_targets(model, config)  # before any layer is replaced
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        for tied, source in (config.tied_modules or {}).items():
+            layers = spd_layers(model)
+            _find_layer(layers, tied).tie_components_(_find_layer(layers, source), adapter_name)
 
     def _create_and_replace(
         self,
@@ -99,6 +103,16 @@ def check_targets(model: nn.Module, config: SPDConfig) -> list[str]:
             f"model include {linears[:8]}"
         )
     return list(targets)
+
+
+def _find_layer(layers: Mapping[str, SPDLayer], name: str) -> SPDLayer:
+    found = [key for key in layers if key == name or key.endswith("." + name)]
+    if len(found) != 1:
+        raise ValueError(
+            f"tied_modules names {name!r}, which matches {len(found)} decomposed layers "
+            f"({found[:_SHOWN]}); name exactly one of {list(layers)[:_SHOWN]}"
+        )
+    return layers[found[0]]
 
 
 def spd_layers(model: nn.Module) -> dict[str, SPDLayer]:

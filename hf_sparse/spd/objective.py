@@ -217,12 +217,12 @@ def faithfulness_warmup_(
     layers = spd_layers(model)
     if steps <= 0 or not layers:
         return float("nan")
-    comps = [layer.components() for layer in layers.values()]
-    params = [p for pair in comps for p in pair]
+    params = [p for layer in layers.values() for p in layer.component_parameters()]
     weights = [layer.target_weight().detach() for layer in layers.values()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
+        comps = [layer.components() for layer in layers.values()]  # tied ones: fresh views
         loss = faithfulness_loss(weights, [u for u, _ in comps], [v for _, v in comps])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -41,6 +41,7 @@ SPD_KEYS = (
     "exclude_modules",
     "gate_hidden",
     "use_delta_component",
+    "tied_modules",
     "leak",
 )
 
@@ -73,9 +74,10 @@ def check_toy_experiment(experiment: ToyExperiment) -> None:
     """Refuse a toy experiment whose parts do not fit together (before training).
 
     Every layer named for the identity-CI or MMCS metrics must exist in the toy model and be
-    decomposed, and the decomposition targets must all be linear layers of the toy model.
+    decomposed, the decomposition targets must all be linear layers of the toy model, and
+    ``tied_modules`` must pair decomposed layers of transposed shapes.
     """
-    from .model import check_targets
+    from .model import check_targets, get_spd_model
 
     model = build_toy_model(experiment.toy)
     config = SPDConfig(**experiment.spd)
@@ -96,6 +98,7 @@ def check_toy_experiment(experiment: ToyExperiment) -> None:
             f"experiment {experiment.name!r} measures layers {undecomposed} that spd."
             f"target_modules {sorted(config.target_modules)} does not decompose; add them"
         )
+    get_spd_model(model, config)  # tied_modules name decomposed layers of fitting shapes
 
 
 def toy_experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> ToyExperiment:

@@ -44,7 +44,11 @@ class TMSConfig:
         "Fixed identity layers between linear1 and linear2 (0 or more; SPD's '-id' variants).", 0
     )
     feature_probability: float = help_field("Probability that a feature is active.", 0.05)
-    bias_init_zero: bool = help_field("Start the output bias at 0 (40-10 runs do).", False)
+    bias_init_zero: bool = help_field(
+        "Start the output bias at 0 (the named TMS experiments do: from PyTorch's random bias "
+        "a feature's ReLU can be off before its direction is learned, and it stays unlearned).",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _check_positive("toy", n_features=self.n_features, n_hidden=self.n_hidden)

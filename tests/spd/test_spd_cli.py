@@ -43,6 +43,10 @@ def test_registry_returns_independent_copies():
         ({"experiment": "tms_5-2-id", "toy": {"n_hidden_layers": 0}}, "does not have"),
         ({"experiment": "tms_5-2", "spd": {"target_modules": ["linear1"]}}, "does not decompose"),
         (
+            {"experiment": "tms_5-2", "spd": {"tied_modules": {"linear2": "linear9"}}},
+            "matches 0 decomposed",
+        ),
+        (
             {"experiment": "tms_5-2", "spd": {"target_modules": ["hidden_layers"]}},
             "no module|linear",
         ),

@@ -11,23 +11,29 @@ import torch.nn.functional as F
 from hf_sparse.spd import core
 
 
-def _grad(fn, x: torch.Tensor) -> torch.Tensor:
+def _grad(fn, x: torch.Tensor, upstream: float = 1.0) -> torch.Tensor:
     x = x.clone().requires_grad_(True)
-    fn(x).sum().backward()
+    (upstream * fn(x)).sum().backward()
     return x.grad
 
 
 X = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.0, 1.5, 3.0])
 
 
-def test_hard_sigmoids_clamp_values():
-    for fn in (core.lower_leaky_hard_sigmoid, core.upper_leaky_hard_sigmoid):
-        assert torch.equal(fn(X), X.clamp(0, 1))
+def test_lower_hard_sigmoid_clamps_and_upper_leaks_its_value_above_one():
+    assert torch.equal(core.lower_leaky_hard_sigmoid(X), X.clamp(0, 1))
+    expected = [0.0, 0.0, 0.0, 0.3, 1.0, 1.0 + 0.05 * 0.5, 1.0 + 0.05 * 2.0]
+    assert core.upper_leaky_hard_sigmoid(X, 0.05).tolist() == pytest.approx(expected)
 
 
-def test_lower_leaky_gradient_leaks_below_zero_only():
-    grad = _grad(lambda x: core.lower_leaky_hard_sigmoid(x, 0.05), X)
-    expected = [0.05 if v < 0 else (1.0 if v <= 1 else 0.0) for v in X.tolist()]
+def test_lower_leaky_gradient_leaks_below_zero_only_to_switch_a_gate_on():
+    # upstream gradient -1 (the loss falls as the gate opens): leaks below 0
+    grad = _grad(lambda x: core.lower_leaky_hard_sigmoid(x, 0.05), X, upstream=-1.0)
+    expected = [-0.05 if v <= 0 else (-1.0 if v <= 1 else 0.0) for v in X.tolist()]
+    assert grad.tolist() == pytest.approx(expected)
+    # upstream gradient +1 (the loss wants the gate shut): nothing below 0
+    grad = _grad(lambda x: core.lower_leaky_hard_sigmoid(x, 0.05), X, upstream=1.0)
+    expected = [0.0 if v <= 0 else (1.0 if v <= 1 else 0.0) for v in X.tolist()]
     assert grad.tolist() == pytest.approx(expected)
 
 

@@ -44,6 +44,8 @@ X = torch.rand(16, 5)
         ({"gate_hidden": 0}, "gate_hidden"),
         ({"leak": 0.0}, "leak"),
         ({"target_modules": None}, "target_modules is required"),
+        ({"tied_modules": ["linear2", "linear1"]}, "tied_modules must map"),
+        ({"tied_modules": {"linear2": "linear1", "linear1": "x"}}, "both tied and a source"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -223,3 +225,61 @@ def test_lm_passes_replay_the_undecomposed_first_blocks_exactly(tiny_model, toke
         assert "forward" not in block.__dict__  # restored
     torch.testing.assert_close(replayed, full)
     assert not torch.allclose(full, target.output)
+
+
+def _tied(model: nn.Module, **kwargs) -> PeftModel:
+    return _spd(model, tied_modules={"linear2": "linear1"}, **kwargs)
+
+
+def test_tied_layer_uses_the_source_components_transposed():
+    model = _tied(_tms())
+    layers = spd_layers(model)
+    U1, V1 = layers["linear1"].components()
+    U2, V2 = layers["linear2"].components()
+    assert torch.equal(U2, V1.t()) and torch.equal(V2, U1.t())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("linear2.spd_U" in n or "linear2.spd_V" in n for n in trainable)
+    assert any("linear2.spd_gate_w1" in n for n in trainable)  # own gates
+    set_spd_ablation(model, include_delta=True)  # the delta still makes it exact
+    torch.testing.assert_close(model(x=X), _tms()(X), atol=1e-5, rtol=1e-5)
+
+
+def test_a_loss_on_the_tied_layer_trains_the_source_components():
+    model = _tied(_tms())
+    layers = spd_layers(model)
+    ones = {"linear2": SPDRuntime("masked", use_delta=False)}
+    with spd_runtime(model, ones):
+        model(x=X).pow(2).sum().backward()
+    assert float(layers["linear1"].spd_U["default"].grad.abs().sum()) > 0
+    assert float(layers["linear1"].spd_V["default"].grad.abs().sum()) > 0
+
+
+def test_tied_decomposition_saves_once_and_reloads_tied(tmp_path):
+    model = _tied(_tms())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    expected = model(x=X)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert not any("linear2" in k and (".spd_U" in k or ".spd_V" in k) for k in saved)
+    reloaded = PeftModel.from_pretrained(_tms(), tmp_path)
+    torch.testing.assert_close(reloaded(x=X), expected)
+    layers = spd_layers(reloaded)
+    with torch.no_grad():
+        layers["linear1"].spd_U["default"].mul_(2.0)
+    torch.testing.assert_close(
+        layers["linear2"].components()[1], layers["linear1"].spd_U["default"].t()
+    )
+
+
+def test_tied_modules_must_name_decomposed_layers_of_transposed_shape():
+    with pytest.raises(ValueError, match="matches 0 decomposed layers"):
+        _spd(_tms(), tied_modules={"linear3": "linear1"})
+    with pytest.raises(ValueError, match="transpose"):
+        _spd(
+            _tms(hidden_layers=1),
+            target_modules=["linear1", "hidden_layers.0"],
+            tied_modules={"hidden_layers.0": "linear1"},
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_sparse.spd.experiments import get_experiment
 from hf_sparse.spd.toy_models import (
     ResidMLPConfig,
     TMSConfig,
@@ -52,6 +53,17 @@ def test_tms_trains_to_superposition_with_tied_weights():
     assert not any(p.requires_grad for p in model.parameters())
     norms = model.linear1.weight.norm(dim=0)
     assert int((norms > 0.5).sum()) >= 4  # most of the 5 features represented in 2 dims
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_zero_output_bias_lets_tms_represent_every_feature(seed):
+    # From PyTorch's random bias init these seeds keep 2 of the 5 features.
+    config = get_experiment("tms_5-2").toy
+    assert config.bias_init_zero
+    model = build_toy_model(config, seed=seed)
+    training = ToyTrainingConfig(steps=2000, batch_size=1024, lr=5e-3)
+    train_toy_model(model, config, training, seed=seed)
+    assert int((model.linear1.weight.norm(dim=0) > 0.5).sum()) == 5
 
 
 def test_identity_hidden_layer_is_fixed():

@@ -56,10 +56,12 @@ def _faithfulness(model) -> float:
         )
 
 
-def test_trainer_warms_up_logs_each_term_and_learns(tms, tmp_path):
+@pytest.mark.parametrize("tied", [None, {"linear2": "linear1"}], ids=["untied", "tied"])
+def test_trainer_warms_up_logs_each_term_and_learns(tms, tmp_path, tied):
     config, target = tms
     torch.manual_seed(0)
-    model = get_spd_model(target, SPDConfig(C=10, target_modules=["linear1", "linear2"]))
+    spd = SPDConfig(C=10, target_modules=["linear1", "linear2"], tied_modules=tied)
+    model = get_spd_model(target, spd)
     before = _faithfulness(model)
     loss = SPDLossConfig(
         importance_minimality_coeff=1e-3,
