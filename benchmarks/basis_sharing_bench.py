@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Basis Sharing on SmolLM2-135M, protocol v1 (see ../shared/BENCHMARKS.md).
 
-    .venv/bin/python benchmarks/basis_sharing_bench.py compress --ratios 0.4 0.2 0.3
-    .venv/bin/python benchmarks/basis_sharing_bench.py recovery --ratio 0.4 --group 2
-    .venv/bin/python benchmarks/basis_sharing_bench.py dynamic --ratio 0.4 --group 2
-    .venv/bin/python benchmarks/basis_sharing_bench.py throughput --ratio 0.4 --group 2
+    python benchmarks/basis_sharing_bench.py compress --ratios 0.4 0.2 0.3
+    python benchmarks/basis_sharing_bench.py errors --ratios 0.2 0.3 0.4
+    python benchmarks/basis_sharing_bench.py recovery --ratio 0.4 --setting g2
+    python benchmarks/basis_sharing_bench.py recovery --ratio 0.4 --recovery lora --lr 2e-4
+    python benchmarks/basis_sharing_bench.py dynamic --ratio 0.4 --setting g2
+    python benchmarks/basis_sharing_bench.py throughput --ratio 0.4 --setting g2-kvdown-refit
 
 ``compress``: perplexity of plain SVD, per-layer whitened SVD (group of 1, SVD-LLM) and Basis
 Sharing with groups of 2 and 4, each before and after the coefficient update, with parameter
@@ -12,6 +14,12 @@ counts of the targeted matrices and adapter file sizes. The dense model's ``X^T 
 collected once (64 x 512 calibration windows, seed 0) and cached under ``--out``; every setting
 reuses them. The coefficient update re-collects statistics of each compressed model on the first
 ``--update-windows`` calibration windows. Rows are written to JSON as they finish.
+
+``errors``: no perplexity; per role and ratio, the relative whitened error of each layer (on its
+own ``X^T X``) when private (group of 1) or shared in groups of ``--groups``, with the SVD's
+coefficients and with the per-layer refit, from the cached statistics. ``recovery``: Trainer
+fine-tuning of the coefficients (``--recovery coefficients``) or of a LoRA on them (``lora``).
+Any ``--model`` path works (a tiny random model checks the script in seconds).
 """
 
 from __future__ import annotations
@@ -38,13 +46,22 @@ from hf_sparse.basis_sharing import (  # noqa: E402
     get_basis_sharing_model,
     update_coefficients_,
 )
+from hf_sparse.basis_sharing.core import (  # noqa: E402
+    compression_rank,
+    refit_coefficients,
+    shared_basis_svd,
+    whitened_error,
+    whitening_factor,
+)
 from hf_sparse.basis_sharing.dynamic_rank import (  # noqa: E402
     dynamic_rank,
     energy_for_fraction,
 )
+from hf_sparse.basis_sharing.plan import _linears_by_role, block_groups  # noqa: E402
 from hf_sparse.calibration import InputStats  # noqa: E402
 from hf_sparse.data import calibration_windows, evaluation_windows  # noqa: E402
 from hf_sparse.evaluation import perplexity  # noqa: E402
+from hf_sparse.models import target_linears  # noqa: E402
 from hf_sparse.pipeline import load_model_and_tokenizer  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -59,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("part", choices=["compress", "recovery", "dynamic", "throughput"])
+    p.add_argument("part", choices=sorted(PARTS))
     p.add_argument("--model", default=MODEL)
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
@@ -67,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.2, 0.3])
     p.add_argument("--settings", nargs="+", default=["svd", "g1", "g2", "g4"], choices=SETTINGS)
     p.add_argument("--ratio", type=float, default=0.4, help="recovery/dynamic/throughput")
-    p.add_argument("--setting", default="g2", choices=SETTINGS, help="recovery/dynamic/throughput")
+    p.add_argument("--setting", default="g2", choices=[*SETTINGS, "dense"],
+                   help="recovery/dynamic/throughput; dense: recovery's control (LoRA on the "
+                   "uncompressed linears, same budget)")  # fmt: skip
     p.add_argument("--update", action="store_true", help="recovery/dynamic: start updated")
     p.add_argument("--no-paper-update", action="store_true", help="compress: skip the paper's")
     p.add_argument("--no-dense", action="store_true", help="compress: skip the dense perplexity")
@@ -84,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--energy", type=float, default=0.95)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4], help="errors: group sizes")
+    p.add_argument("--private-blocks", type=int, nargs="*", default=[], help="errors: unshared")
     return p.parse_args(argv)
 
 
@@ -139,6 +160,20 @@ SETTINGS = {  # name -> (whitening, group_size, shared roles; None = the paper's
     "g2-refit": (True, 2, None),
     "g4-refit": (True, 4, None),
     "g2-kvdown-refit": (True, 2, ["k", "v", "down"]),
+    "g2-kv-refit": (True, 2, ["k", "v"]),
+    "g4-kv-refit": (True, 4, ["k", "v"]),
+    "g4-kvdown-refit": (True, 4, ["k", "v", "down"]),
+    "g2-down-refit": (True, 2, ["down"]),
+    "g4-down-refit": (True, 4, ["down"]),
+    "g2-gateup-refit": (True, 2, ["gate", "up"]),
+    "g4-gateup-refit": (True, 4, ["gate", "up"]),
+    "g4-mlp-refit": (True, 4, ["gate", "up", "down"]),
+    # "-p0": block 0 keeps private bases (private_blocks=[0])
+    "g2-kvdown-refit-p0": (True, 2, ["k", "v", "down"]),
+    "g4-kvdown-refit-p0": (True, 4, ["k", "v", "down"]),
+    "g2-refit-p0": (True, 2, None),
+    "g4-kv-refit-p0": (True, 4, ["k", "v"]),
+    "g4-down-refit-p0": (True, 4, ["down"]),
 }
 
 
@@ -149,7 +184,8 @@ def make_config(setting: str, ratio: float) -> BasisSharingConfig:
         group_size=group,
         whitening=whitening,
         shared_roles=shared,
-        layer_refit=setting.endswith("-refit"),
+        layer_refit="-refit" in setting,
+        private_blocks=[0] if setting.endswith("-p0") else None,
         drop_dense_weights=False,
     )
 
@@ -257,12 +293,22 @@ def part_recovery(args, meta) -> dict:
     calib, evaluation = windows(args, tokenizer)
     stats = dense_stats(args, model, calib)
     del model
-    peft_model = compressed(args, stats, args.ratio, args.setting, args.update, calib)
+    if args.setting == "dense":  # control: how much of the gain is adaptation to the text
+        if args.recovery != "lora":
+            raise ValueError("--setting dense is a control for --recovery lora only")
+        peft_model, _ = load_model_and_tokenizer(args.model)
+        targets = [n for block in target_linears(peft_model, None, ("lm_head",)).values()
+                   for n in block]  # fmt: skip
+    else:
+        peft_model = compressed(args, stats, args.ratio, args.setting, args.update, calib)
+        targets = ["coefficient"]
     before = ppl(peft_model, evaluation)
     log(f"before recovery {before:.3f}")
     if args.recovery == "lora":
-        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["coefficient"])
-        peft_model = get_peft_model(unload_factorized(peft_model), lora)
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets)
+        if args.setting != "dense":
+            peft_model = unload_factorized(peft_model)
+        peft_model = get_peft_model(peft_model, lora)
     train = calibration_windows(
         tokenizer, "wikitext2", args.train_steps * args.train_batch, args.train_seq_len, seed=1
     )
@@ -320,6 +366,72 @@ def part_dynamic(args, meta) -> dict:
 
 
 @torch.no_grad()
+def role_errors(weights, grams, group, ratios, private=(), damping=1e-4) -> dict:
+    """Per-layer whitened relative errors of one role at ``group`` (SVD and per-layer refit).
+
+    Each layer's error is measured on its own ``X^T X``; the basis is whitened with the group's
+    summed statistics, as ``factorize`` does. One SVD per group, truncated for every ratio."""
+    d_out, d_in = weights[0].shape
+    out = {r: {"ranks": [], "params": 0, "svd": [], "refit": []} for r in ratios}
+    for chunk in block_groups(len(weights), group, set(private)):
+        ws, gs = [weights[i] for i in chunk], [grams[i] for i in chunk]
+        ranks = {r: compression_rank(d_in, d_out, len(ws), r) for r in ratios}
+        factors = shared_basis_svd(ws, max(ranks.values()), whitening_factor(sum(gs), damping))
+        for r, k in ranks.items():
+            basis = factors.basis[:k]
+            out[r]["params"] += k * (d_in + len(ws) * d_out)
+            for w, g, c in zip(ws, gs, factors.coefficients, strict=True):
+                out[r]["ranks"].append(k)
+                out[r]["svd"].append(whitened_error(w, c[:, :k] @ basis, g))
+                refit = refit_coefficients(w, basis, g) if len(ws) > 1 else c[:, :k]
+                out[r]["refit"].append(whitened_error(w, refit @ basis, g))
+    return out
+
+
+def part_errors(args, meta) -> dict:
+    """Whitened reconstruction error per role, private vs shared, from the cached statistics."""
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    calib, _ = windows(args, tokenizer)
+    stats = dense_stats(args, model, calib)
+    modules = dict(model.named_modules())
+    per_block = _linears_by_role(model, None)
+    rows = []
+    record = {**meta, "rows": rows}
+    for role in [r for r in ("q", "k", "v", "o", "gate", "up", "down") if r in per_block[0]]:
+        names = [block[role] for block in per_block]
+        weights = [modules[n].weight.detach().to(torch.float64) for n in names]
+        grams = [stats[n].xtx.to(torch.float64) for n in names]
+        for group in args.groups:
+            start = time.perf_counter()
+            result = role_errors(weights, grams, group, args.ratios, args.private_blocks)
+            for ratio, item in result.items():
+                n = len(names)
+                rows.append({"role": role, "group": group, "ratio": ratio,
+                             "private_blocks": args.private_blocks,
+                             "shape": list(weights[0].shape),
+                             "rank_mean": sum(item["ranks"]) / n,
+                             "params": item["params"], "dense_params": n * weights[0].numel(),
+                             "err_svd": sum(item["svd"]) / n,
+                             "err_refit": sum(item["refit"]) / n,
+                             "err_refit_layers": item["refit"]})  # fmt: skip
+            log(f"{role} group {group}: {time.perf_counter() - start:.0f}s")
+            write(args, "errors", record)
+    print(errors_table(record))
+    return record
+
+
+def errors_table(record: dict) -> str:
+    lines = ["| role | [out, in] | ratio | group | rank | rel. whitened error (SVD / refit) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(record["rows"], key=lambda r: (r["ratio"], r["role"], r["group"])):
+        lines.append(
+            f"| {r['role']} | {r['shape']} | {r['ratio']:.0%} | {r['group']} | "
+            f"{r['rank_mean']:.1f} | {r['err_svd']:.4f} / {r['err_refit']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+@torch.no_grad()
 def speed(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     prefill, decode = [], []
     for _ in range(repeats):
@@ -365,6 +477,7 @@ def part_throughput(args, meta) -> dict:
 
 PARTS = {
     "compress": part_compress,
+    "errors": part_errors,
     "recovery": part_recovery,
     "dynamic": part_dynamic,
     "throughput": part_throughput,

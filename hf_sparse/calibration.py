@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import find_decoder_blocks, in_features, weight_matrix
+from .models import find_decoder_blocks, in_features, is_linear, weight_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class StatsCollector:
     """Forward hooks that accumulate ``InputStats`` for a set of linear layers.
 
     Layers that read the very same input tensor (q/k/v, gate/up) share one statistics object,
-    so ``X^T X`` is computed once for them.
+    so ``X^T X`` is computed once for them. Modules other than ``nn.Linear``/``Conv1D`` (e.g. a
+    compressed adapter layer without a dense weight) are sized by the width of their first input.
     """
 
     def __init__(
@@ -121,9 +122,11 @@ class StatsCollector:
         self._last: tuple = (None, None, None)
         self._handles: list = []
 
-    def _new_stats(self, module: nn.Module) -> InputStats:
-        n = in_features(module)
-        device = weight_matrix(module).device
+    def _new_stats(self, module: nn.Module, x: torch.Tensor) -> InputStats:
+        if is_linear(module):
+            n, device = in_features(module), weight_matrix(module).device
+        else:
+            n, device = x.shape[-1], x.device
         make = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=device)  # noqa: E731
         return InputStats(
             xtx=make(n, n) if self.need_xtx else None,
@@ -143,7 +146,7 @@ class StatsCollector:
                     last_item.shared_with.append(name)
                     self.stats[name] = last_item
                     return
-                item = self.stats[name] = self._new_stats(module)
+                item = self.stats[name] = self._new_stats(module, x)
             if key == last_key and item is last_item:
                 return
             item.add(x)

@@ -13,6 +13,7 @@ from .core import (
     energy_rank,
     refit_coefficients,
     shared_basis_svd,
+    whitened_error,
     whitening_factor,
 )
 from .dynamic_rank import STRATEGIES, dynamic_rank
@@ -45,5 +46,6 @@ __all__ = [
     "shared_basis_svd",
     "unload_factorized",
     "update_coefficients_",
+    "whitened_error",
     "whitening_factor",
 ]

@@ -4,7 +4,7 @@ Recipe (``recipes/basis-sharing-20.yaml``)::
 
     model: smollm2-135m
     calibration: {dataset: wikitext2, num_samples: 64, sequence_length: 512, seed: 0}
-    basis_sharing: {ratio: 0.2, group_size: 2, shared_roles: [q, k, v, gate, up]}
+    basis_sharing: {ratio: 0.2, group_size: 4, shared_roles: [gate, up, down], layer_refit: true}
     evaluation: {dataset: wikitext2, sequence_length: 512, num_windows: 32}
     output_dir: outputs/smollm2-135m-basis-sharing-20
 
@@ -38,6 +38,7 @@ METHOD_KEYS = (
     "target_roles",
     "shared_roles",
     "role_ratios",
+    "private_blocks",
     "whitening",
     "damping",
     "layer_refit",

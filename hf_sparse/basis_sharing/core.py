@@ -158,6 +158,25 @@ def refit_coefficients(
     raise RuntimeError("B X^T X B^T is singular even with damping; check the calibration data")
 
 
+def whitened_error(weight: torch.Tensor, approx: torch.Tensor, xtx: torch.Tensor) -> float:
+    """Relative output error ``||X (W - A)^T||_F^2 / ||X W^T||_F^2`` from ``X^T X`` alone.
+
+    Equals ``||(W - A) L||_F^2 / ||W L||_F^2`` for ``X^T X = L L^T`` (the whitened error that the
+    truncation minimises), computed as ``tr(E G E^T) / tr(W G W^T)`` without a Cholesky.
+    """
+    g = xtx.to(torch.float64)
+    w = weight.to(torch.float64)
+    a = approx.to(device=w.device, dtype=torch.float64)
+    if w.shape != a.shape or w.shape[1] != g.shape[0]:
+        raise ValueError(
+            f"shapes do not fit: weight {tuple(w.shape)}, approx {tuple(a.shape)}, "
+            f"xtx {tuple(g.shape)}"
+        )
+    e = w - a
+    total = float(((w @ g) * w).sum())
+    return float(((e @ g) * e).sum()) / total if total > 0 else 0.0
+
+
 def energy_rank(values: torch.Tensor, energy: float) -> int:
     """Smallest ``r`` with ``sum(values[:r]) >= energy * sum(values)`` (values >= 0, in order)."""
     if not 0 < energy <= 1:

@@ -101,12 +101,19 @@ def make_plan(model: nn.Module, config: BasisSharingConfig) -> dict[str, Group]:
             f"group_size={config.group_size} is larger than the number of layers ({n_blocks}) "
             f"of this {arch} model; use group_size <= {n_blocks}"
         )
+    private = set(config.private_blocks or [])
+    outside = sorted(i for i in private if i >= n_blocks)
+    if outside:
+        raise ValueError(
+            f"private_blocks has {outside}, but this {arch} model has {n_blocks} blocks "
+            f"(indices 0..{n_blocks - 1})"
+        )
     modules = dict(model.named_modules())
     groups: dict[str, Group] = {}
     for role in targets:
         size = config.group_size if role in shared else 1
-        for start in range(0, n_blocks, size):
-            indices = [i for i in range(start, min(start + size, n_blocks)) if role in per_block[i]]
+        for chunk in block_groups(n_blocks, size, private):
+            indices = [i for i in chunk if role in per_block[i]]
             if not indices:
                 continue
             names = [per_block[i][role] for i in indices]
@@ -114,7 +121,8 @@ def make_plan(model: nn.Module, config: BasisSharingConfig) -> dict[str, Group]:
             if len(shapes) != 1:
                 raise ValueError(f"layers {names} of role {role!r} differ in shape: {shapes}")
             ((d_out, d_in),) = shapes
-            key = f"{role}_{indices[0]}" + (f"_{indices[-1]}" if size > 1 else "")
+            alone = size == 1 or (len(chunk) == 1 and chunk[0] in private)
+            key = f"{role}_{indices[0]}" + ("" if alone else f"_{indices[-1]}")
             rank = compression_rank(d_in, d_out, len(names), config.ratio_of(role))
             _check_rank(key, rank, d_in, d_out, len(names), config.ratio_of(role))
             groups[key] = Group(key, role, names, rank, d_in, d_out)
@@ -122,6 +130,14 @@ def make_plan(model: nn.Module, config: BasisSharingConfig) -> dict[str, Group]:
     config.group_ranks = {g.key: g.rank for g in groups.values()}
     config.target_modules = set(config.layer_groups)
     return groups
+
+
+def block_groups(n_blocks: int, size: int, private: set[int] | frozenset = frozenset()):
+    """Block indices per basis: runs of ``size`` blocks in order, skipping the ``private``
+    ones, which stand alone (the last run is shorter when the count is not a multiple)."""
+    rest = [i for i in range(n_blocks) if i not in private]
+    runs = [rest[start : start + size] for start in range(0, len(rest), size)]
+    return sorted(runs + [[i] for i in private if i < n_blocks])
 
 
 def _module(modules: Mapping[str, nn.Module], name: str) -> nn.Module:

@@ -20,51 +20,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..calibration import StatsCollector
 from ..models import weight_matrix
 from .core import refit_coefficients
 from .layer import BasisSharingLayer
 
 _PEFT_PREFIX = "base_model.model."
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).to(torch.float32)
-
-
-class _Statistics:
-    """Forward hooks summing ``x^T x`` at the input of each layer; layers reading the very same
-    tensor (q/k/v, gate/up) share one product."""
-
-    def __init__(self, layers: Mapping[str, BasisSharingLayer]) -> None:
-        self.layers = layers
-        self.grams: dict[str, torch.Tensor] = {}
-        self._last: tuple = (None, None, None)  # (key, gram, x): x pins the memory of the key
-        self._handles: list = []
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, _output) -> None:
-            x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape), x._version)
-            last_key, gram, _ = self._last
-            if key != last_key:
-                rows = _rows(x)
-                gram = rows.t() @ rows
-                self._last = (key, gram, x)
-            previous = self.grams.get(name)
-            self.grams[name] = gram if previous is None else previous + gram
-
-        return hook
-
-    def __enter__(self) -> _Statistics:
-        for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._last = (None, None, None)
 
 
 def _compressed_layers(model: nn.Module, adapter_name: str) -> dict[str, BasisSharingLayer]:
@@ -85,18 +46,19 @@ def collect_compressed_stats(
     adapter_name: str = "default",
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """``{layer name: X^T X}`` at the inputs of the compressed layers (one pass)."""
+    """``{layer name: X^T X}`` (float32 sums) at the inputs of the compressed layers, one pass."""
     layers = _compressed_layers(model, adapter_name)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with _Statistics(layers) as collector:
+        with StatsCollector(layers, need_xtx=True, need_sq_norms=False) as collector:
             for batch in calibration.split(batch_size):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
         model.train(was_training)
-    return collector.grams
+    # layers reading the same input (q/k/v, gate/up) share one tensor; nothing writes to it
+    return {name: item.xtx for name, item in collector.stats.items()}
 
 
 @torch.no_grad()

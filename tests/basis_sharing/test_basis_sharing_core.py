@@ -12,6 +12,7 @@ from hf_sparse.basis_sharing.core import (
     energy_rank,
     refit_coefficients,
     shared_basis_svd,
+    whitened_error,
     whitening_factor,
 )
 
@@ -169,3 +170,28 @@ def test_per_layer_refit_never_raises_a_layers_own_error():
         for w, x in zip(weights, xs, strict=True)
     ]
     assert own_error(refit) < own_error(factors.coefficients)
+
+
+def test_whitened_error_is_the_relative_output_error():
+    torch.manual_seed(0)
+    x = torch.randn(50, 8, dtype=torch.float64)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    a = w + 0.1 * torch.randn(5, 8, dtype=torch.float64)
+    expected = (x @ (w - a).t()).pow(2).sum() / (x @ w.t()).pow(2).sum()
+    assert whitened_error(w, a, x.t() @ x) == pytest.approx(float(expected), rel=1e-10)
+    assert whitened_error(w, w, x.t() @ x) == 0.0
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        whitened_error(w, a[:, :4], x.t() @ x)
+
+
+def test_whitened_error_of_a_group_of_one_equals_the_discarded_energy():
+    """SVD-LLM: the whitened truncation error is the discarded squared singular values."""
+    torch.manual_seed(1)
+    x = torch.randn(64, 10, dtype=torch.float64)
+    w = torch.randn(6, 10, dtype=torch.float64)
+    xtx = x.t() @ x
+    factors = shared_basis_svd([w], 3, whitening_factor(xtx, damping=0.0))
+    s = torch.linalg.svdvals(w @ whitening_factor(xtx, damping=0.0))
+    expected = float(s[3:].pow(2).sum() / s.pow(2).sum())
+    approx = factors.coefficients[0] @ factors.basis
+    assert whitened_error(w, approx, xtx) == pytest.approx(expected, rel=1e-8)

@@ -30,8 +30,12 @@ CASES = {  # name -> (architecture, config kwargs)
     "opt-g2": ("opt", {"ratio": 0.2, "group_size": 2}),
     "gpt2-g3": ("gpt2", {"ratio": 0.25, "group_size": 3}),
     "llama-plain-svd": ("llama", {"ratio": 0.2, "group_size": 1, "whitening": False}),
+    "llama-g2-kv-private0": (
+        "llama",
+        {"ratio": 0.3, "group_size": 2, "shared_roles": ["k", "v"], "private_blocks": [0]},
+    ),
 }
-FRESH_PROCESS_CASES = ["qwen2-g2-update", "gpt2-g3"]
+FRESH_PROCESS_CASES = ["qwen2-g2-update", "gpt2-g3", "llama-g2-kv-private0"]
 
 
 def tiny(arch: str, seed: int = 0):
@@ -157,6 +161,29 @@ def test_gqa_keys_and_values_are_narrower_and_get_their_own_rank():
     assert config.layer_groups["model.layers.1.self_attn.o_proj"] == "o_1"  # private
 
 
+def test_private_blocks_keep_their_own_basis_and_the_rest_group_in_order():
+    model = compressed("llama-g2-kv-private0")
+    groups = model.peft_config["default"].layer_groups
+    attn = "model.layers.{}.self_attn.{}_proj"
+    assert [groups[attn.format(i, "k")] for i in range(LAYERS)] == [
+        "k_0",
+        "k_1_2",
+        "k_1_2",
+        "k_3_3",
+    ]
+    assert [groups[attn.format(i, "q")] for i in range(LAYERS)] == ["q_0", "q_1", "q_2", "q_3"]
+    layers = model.base_model.layers("default")
+    k = [layers[attn.format(i, "k")].basis("default") for i in range(LAYERS)]
+    assert k[1] is k[2] and k[0] is not k[1]
+    # without private_blocks, block 0 shares with block 1
+    plain = get_basis_sharing_model(
+        tiny("llama"),
+        BasisSharingConfig(ratio=0.3, group_size=2, shared_roles=["k", "v"]),
+        calibration=calib(),
+    )
+    assert plain.peft_config["default"].layer_groups[attn.format(0, "k")] == "k_0_1"
+
+
 def test_compression_error_falls_with_group_quality_and_whitening():
     """On calibration inputs, whitened per-layer SVD beats plain SVD at the same ratio."""
     ids = calib()
@@ -249,6 +276,8 @@ def untouched(model) -> bool:
         ({"target_roles": ["attn"]}, "unknown role"),
         ({"role_ratios": {"down": 1.2}}, r"role_ratios\['down'\] must be in"),
         ({"damping": -1.0}, "damping must be"),
+        ({"private_blocks": [-1]}, "private_blocks must be a list of block indices"),
+        ({"private_blocks": "0"}, "private_blocks must be a list of block indices"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):
@@ -263,6 +292,7 @@ def test_config_errors_name_the_field(kwargs, message):
         ("llama", {"target_roles": ["fc1"]}, "which this llama model lacks"),
         ("gpt2", {"target_roles": ["q"]}, "which this gpt2 model lacks"),
         ("llama", {"target_roles": ["q"], "shared_roles": ["k"]}, "not compressed here"),
+        ("llama", {"private_blocks": [0, 4]}, r"private_blocks has \[4\].*4 blocks"),
     ],
 )
 def test_model_dependent_errors_come_before_any_change(arch, kwargs, message):

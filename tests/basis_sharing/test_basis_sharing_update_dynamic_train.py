@@ -56,6 +56,35 @@ def test_update_lowers_the_error_on_the_compressed_models_inputs():
         torch.testing.assert_close(value, bases[key])  # only coefficients move
 
 
+def test_compressed_stats_are_each_layers_input_gram():
+    """Reference: plain hooks storing every input of every compressed layer (dropped dense
+    weights included, so the collector must size them from the input)."""
+    ids = calib(4)
+    model = get_basis_sharing_model(tiny(), BasisSharingConfig(ratio=0.4), calibration=calib())
+    layers = model.base_model.layers("default")
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [
+        layer.register_forward_hook(
+            lambda _m, args, _o, name=name: seen[name].append(args[0].detach().clone())
+        )
+        for name, layer in layers.items()
+    ]
+    with torch.no_grad():
+        for batch in ids.split(3):  # the same batches as batch_size=3 below
+            model(input_ids=batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    grams = collect_compressed_stats(model, ids, batch_size=3)
+    assert set(grams) == set(layers)
+    for name, inputs in seen.items():
+        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).double()
+        assert grams[name].dtype == torch.float32
+        torch.testing.assert_close(grams[name].double(), rows.t() @ rows, rtol=1e-5, atol=1e-4)
+    # q/k/v read the same tensor: one product, shared
+    assert grams["model.layers.0.self_attn.q_proj"] is grams["model.layers.0.self_attn.k_proj"]
+    assert grams["model.layers.0.self_attn.q_proj"] is not grams["model.layers.0.self_attn.o_proj"]
+
+
 def test_update_needs_dense_weights_once_dropped():
     model = get_basis_sharing_model(tiny(), BasisSharingConfig(ratio=0.4), calibration=calib())
     with pytest.raises(ValueError, match="dense_weights"):
