@@ -99,7 +99,11 @@ def main() -> None:
     out = {
         "date": datetime.date.today().isoformat(),
         "command": "benchmarks/critical_single_weights.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"),
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "json"
+        ),
         "dense": dense,
         "rows": rows,
         "random_controls": controls,
