@@ -132,12 +132,17 @@ def test_ci_threshold_drops_unimportant_components_per_input():
     torch.testing.assert_close(out, model(x=X))
 
 
-def test_save_reload_round_trip_keeps_outputs(tmp_path):
-    model = _spd(_tms())
+def _nudge_trainable(model) -> None:
+    """Move every trainable parameter off its initial value (so a round trip is not trivial)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
+
+
+def test_save_reload_round_trip_keeps_outputs(tmp_path):
+    model = _spd(_tms())
+    _nudge_trainable(model)
     expected = model(x=X)
     model.save_pretrained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -256,10 +261,7 @@ def test_a_loss_on_the_tied_layer_trains_the_source_components():
 
 def test_tied_decomposition_saves_once_and_reloads_tied(tmp_path):
     model = _tied(_tms())
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    _nudge_trainable(model)
     expected = model(x=X)
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
