@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
-from ..models import is_linear
+from ..models import is_linear, weight_matrix
 from .config import SPDConfig
 from .layer import Linear, SPDLayer, SPDRuntime
 
@@ -50,11 +50,13 @@ class SPDModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
-        check_targets(model, config)  # before any layer is replaced
+        check_targets(model, config)  # before any layer is replaced (tied pairs included)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        for tied, source in (config.tied_modules or {}).items():
+        if config.tied_modules:
             layers = spd_layers(model)
-            _find_layer(layers, tied).tie_components_(_find_layer(layers, source), adapter_name)
+            for tied, source in config.tied_modules.items():
+                tied_layer = layers[_match(layers, tied)]
+                tied_layer.tie_components_(layers[_match(layers, source)], adapter_name)
 
     def _create_and_replace(
         self,
@@ -75,8 +77,10 @@ class SPDModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
 
-def check_targets(model: nn.Module, config: SPDConfig) -> list[str]:
-    """Names of the modules ``config`` targets; ValueError if any is not a linear layer."""
+def check_targets(model: nn.Module, config: SPDConfig, check_tied: bool = True) -> list[str]:
+    """Names of the modules ``config`` targets; ValueError if any is not a linear layer, or
+    (``check_tied``) if a ``tied_modules`` pair does not name two decomposed layers of
+    transposed shapes."""
     _maybe_include_all_linear_layers(config, model)
     targets: dict[str, nn.Module] = {}
     inside: list[str] = []
@@ -102,17 +106,26 @@ def check_targets(model: nn.Module, config: SPDConfig) -> list[str]:
             f"target_modules {config.target_modules!r} matches no module; linear layers of this "
             f"model include {linears[:8]}"
         )
+    for tied, source in (config.tied_modules or {}).items() if check_tied else ():
+        d_out, d_in = weight_matrix(targets[_match(targets, tied)]).shape
+        source_shape = tuple(weight_matrix(targets[_match(targets, source)]).shape)
+        if source_shape != (d_in, d_out):
+            raise ValueError(
+                f"tied_modules: a tied layer's weight must be the transpose's shape of its "
+                f"source's, got {(d_out, d_in)} for {tied!r} and {source_shape} for {source!r}"
+            )
     return list(targets)
 
 
-def _find_layer(layers: Mapping[str, SPDLayer], name: str) -> SPDLayer:
-    found = [key for key in layers if key == name or key.endswith("." + name)]
+def _match(decomposed: Mapping[str, object], name: str) -> str:
+    """The one decomposed layer's full name that ``name`` (a tied_modules entry) designates."""
+    found = [key for key in decomposed if key == name or key.endswith("." + name)]
     if len(found) != 1:
         raise ValueError(
             f"tied_modules names {name!r}, which matches {len(found)} decomposed layers "
-            f"({found[:_SHOWN]}); name exactly one of {list(layers)[:_SHOWN]}"
+            f"({found[:_SHOWN]}); name exactly one of {list(decomposed)[:_SHOWN]}"
         )
-    return layers[found[0]]
+    return found[0]
 
 
 def spd_layers(model: nn.Module) -> dict[str, SPDLayer]:

@@ -77,11 +77,11 @@ def check_toy_experiment(experiment: ToyExperiment) -> None:
     decomposed, the decomposition targets must all be linear layers of the toy model, and
     ``tied_modules`` must pair decomposed layers of transposed shapes.
     """
-    from .model import check_targets, get_spd_model
+    from .model import check_targets
 
     model = build_toy_model(experiment.toy)
     config = SPDConfig(**experiment.spd)
-    targets = set(check_targets(model, config))
+    targets = set(check_targets(model, config, check_tied=False))
     named = set(experiment.identity_layers) | set(experiment.direction_layers)
     modules = dict(model.named_modules())
     missing = sorted(name for name in named if name not in modules)
@@ -98,7 +98,7 @@ def check_toy_experiment(experiment: ToyExperiment) -> None:
             f"experiment {experiment.name!r} measures layers {undecomposed} that spd."
             f"target_modules {sorted(config.target_modules)} does not decompose; add them"
         )
-    get_spd_model(model, config)  # tied_modules name decomposed layers of fitting shapes
+    check_targets(model, config)  # tied_modules name decomposed layers of transposed shapes
 
 
 def toy_experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> ToyExperiment:

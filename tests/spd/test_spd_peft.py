@@ -277,8 +277,10 @@ def test_tied_decomposition_saves_once_and_reloads_tied(tmp_path):
 
 
 def test_tied_modules_must_name_decomposed_layers_of_transposed_shape():
+    model = _tms()
     with pytest.raises(ValueError, match="matches 0 decomposed layers"):
-        _spd(_tms(), tied_modules={"linear3": "linear1"})
+        _spd(model, tied_modules={"linear3": "linear1"})
+    assert not spd_layers(model)  # refused before any layer was replaced
     with pytest.raises(ValueError, match="transpose"):
         _spd(
             _tms(hidden_layers=1),
