@@ -56,7 +56,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1100)
     parser.add_argument("--height", type=int, default=9000)
     args = parser.parse_args()
-    problems = verify_study(args.folder)
+    try:
+        problems = verify_study(args.folder)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
     print(f"verify_study: {len(problems)} problem(s)")
     for problem in problems:
         print("  " + problem)

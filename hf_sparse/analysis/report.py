@@ -308,6 +308,14 @@ def verify_study(folder: str | Path) -> list[str]:
     import numpy as np
 
     folder = Path(folder)
+    needed = ["manifest.json", "config.json", "sensitivity_stats.json", "stability.json",
+              "perturbation_results.json", "report.html"]  # fmt: skip
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete critical-weight study folder: missing {missing}; "
+            "point at the output_dir of `hf-sparse analyze` (or run_study)"
+        )
     problems: list[str] = []
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
     for name, digest in manifest.items():

@@ -72,6 +72,9 @@ def test_study_writes_every_file_and_the_report_matches_the_json(setup):
     assert any(p.startswith("plots/perturbation_") for p in problems), problems
     assert any(p.startswith("report figure") for p in problems)
     assert any("key number" in p for p in problems)
+    (out / "stability.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing \['stability.json'\]"):
+        verify_study(out)
 
 
 @pytest.mark.parametrize(
