@@ -61,8 +61,8 @@ from hf_sparse.basis_sharing.plan import _linears_by_role, block_groups  # noqa:
 from hf_sparse.calibration import InputStats  # noqa: E402
 from hf_sparse.data import calibration_windows, evaluation_windows  # noqa: E402
 from hf_sparse.evaluation import perplexity  # noqa: E402
+from hf_sparse.loading import load_model_and_tokenizer  # noqa: E402
 from hf_sparse.models import target_linears  # noqa: E402
-from hf_sparse.pipeline import load_model_and_tokenizer  # noqa: E402
 
 MODEL = "smollm2-135m"
 

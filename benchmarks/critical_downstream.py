@@ -25,7 +25,7 @@ from hf_sparse.analysis import perturbed, random_entries, resolve_count, top_k_e
 from hf_sparse.analysis.downstream import downstream_eval
 from hf_sparse.data import calibration_windows
 from hf_sparse.importance import compute_importance
-from hf_sparse.pipeline import load_model_and_tokenizer
+from hf_sparse.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from hf_sparse.analysis import perturbed, random_entries, top_k_entries
 from hf_sparse.data import calibration_windows, evaluation_windows
 from hf_sparse.evaluation import perplexity
 from hf_sparse.importance import IMPORTANCE_METRICS, compute_importance
-from hf_sparse.pipeline import load_model_and_tokenizer
+from hf_sparse.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ["q", "k", "v", "o", "gate", "up", "down"]

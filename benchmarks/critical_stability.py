@@ -31,7 +31,7 @@ import torch
 
 from hf_sparse.analysis import jaccard_matrix, resolve_count, spearman_matrix, top_k_entries
 from hf_sparse.data import calibration_windows
-from hf_sparse.pipeline import load_model_and_tokenizer
+from hf_sparse.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"

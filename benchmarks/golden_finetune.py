@@ -27,13 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from hf_sparse.data import evaluation_windows
-from hf_sparse.evaluation import perplexity
-from hf_sparse.importance import compute_importance, golden_masks
-from hf_sparse.masked import ParameterMasks, top_k
-from hf_sparse.pipeline import load_model_and_tokenizer
-from hf_sparse.real_model import resolve_model_path
 from hf_sparse.sft import (
     FinetuneConfig,
     PadCollator,
@@ -42,6 +35,13 @@ from hf_sparse.sft import (
     mean_response_loss,
     train_args,
 )
+
+from hf_sparse.data import evaluation_windows
+from hf_sparse.evaluation import perplexity
+from hf_sparse.importance import compute_importance, golden_masks
+from hf_sparse.loading import load_model_and_tokenizer
+from hf_sparse.masks import ParameterMasks, top_k
+from hf_sparse.real_model import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ["q", "k", "v", "o", "gate", "up", "down"]

@@ -27,8 +27,8 @@ import torch
 from hf_sparse.data import calibration_windows, evaluation_windows
 from hf_sparse.evaluation import masked_weights_zeroed, perplexity
 from hf_sparse.importance import IMPORTANCE_METRICS, compute_importance
-from hf_sparse.masked import ParameterMasks, count_for, top_k
-from hf_sparse.pipeline import load_model_and_tokenizer
+from hf_sparse.loading import load_model_and_tokenizer
+from hf_sparse.masks import ParameterMasks, count_for, top_k
 from hf_sparse.real_model import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]

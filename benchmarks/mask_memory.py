@@ -24,8 +24,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from hf_sparse.masked import ParameterMasks, top_k
-from hf_sparse.pipeline import load_model_and_tokenizer
+from hf_sparse.loading import load_model_and_tokenizer
+from hf_sparse.masks import ParameterMasks, top_k
 from hf_sparse.real_model import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]

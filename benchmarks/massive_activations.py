@@ -18,7 +18,7 @@ import torch
 
 from hf_sparse.data import calibration_windows, evaluation_windows
 from hf_sparse.evaluation import perplexity
-from hf_sparse.pipeline import load_model_and_tokenizer
+from hf_sparse.loading import load_model_and_tokenizer
 
 
 def main() -> None:

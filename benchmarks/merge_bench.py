@@ -43,6 +43,7 @@ from merge_finetunes import DEFAULT_OUT, DOMAINS, domain_tokens
 
 from hf_sparse.data import contiguous_windows, random_windows
 from hf_sparse.evaluation import perplexity
+from hf_sparse.loading import load_model_and_tokenizer
 from hf_sparse.merging import (
     MergeConfig,
     MergeSource,
@@ -56,7 +57,6 @@ from hf_sparse.merging import (
 )
 from hf_sparse.merging.sparse_delta import base_hessians
 from hf_sparse.models import target_linears
-from hf_sparse.pipeline import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "out" / "merge_bench.json"
@@ -112,7 +112,7 @@ def quality(args) -> dict:
         config = MergeConfig(
             method.removesuffix("_seq"), density=density, sequential=sequential, seed=args.seed
         )
-        result = merge_(model, folders, config, calibration=calibration, show_progress=False)
+        result = merge_(model, config, folders, calibration=calibration, show_progress=False)
         row = {
             "method": method,
             "density": density,
@@ -264,7 +264,7 @@ def _mergekit_side(args, base_dir: Path, folders: list[Path], label: str) -> lis
             start = time.perf_counter()
             config = MergeConfig(ours_method, density=density, normalize=normalize)
             result = merge_(
-                model, [MergeSource(str(f)) for f in folders], config, show_progress=False
+                model, config, [MergeSource(str(f)) for f in folders], show_progress=False
             )
             model.save_pretrained(Path(tmp) / "ours")
             ours_seconds = time.perf_counter() - start

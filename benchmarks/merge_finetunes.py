@@ -28,8 +28,8 @@ import torch
 
 from hf_sparse.data import load_records, load_text
 from hf_sparse.importance.samples import ALPACA_TEMPLATE
+from hf_sparse.loading import load_model_and_tokenizer
 from hf_sparse.models import find_decoder_blocks
-from hf_sparse.pipeline import load_model_and_tokenizer
 
 DOMAINS = ("alpaca", "tinystories", "wikitext")
 DEFAULT_OUT = Path.home() / ".cache" / "hf_sparse" / "merge_bench"

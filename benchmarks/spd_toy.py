@@ -28,7 +28,7 @@ def _row(name: str, value: object) -> str:
 
 def run_toy(name: str, args: argparse.Namespace) -> dict:
     from hf_sparse.spd.experiments import get_experiment
-    from hf_sparse.spd.recipe import check_toy_experiment
+    from hf_sparse.spd.pipeline import check_toy_experiment
     from hf_sparse.spd.toy_run import run_toy_experiment
 
     experiment = get_experiment(name)
@@ -69,9 +69,9 @@ def run_toy(name: str, args: argparse.Namespace) -> dict:
 
 def run_lm(args: argparse.Namespace) -> dict:
     from hf_sparse.spd.lm import run_lm_decomposition
-    from hf_sparse.spd.recipe import load_decompose_target
+    from hf_sparse.spd.pipeline import load_experiment
 
-    experiment, _ = load_decompose_target(args.lm_recipe)
+    experiment = load_experiment(args.lm_recipe).experiment
     if args.lm_steps is not None:
         experiment.train.steps = args.lm_steps
         experiment.train.logging_steps = max(1, args.lm_steps // 5)

@@ -1,10 +1,13 @@
-"""Trainer callbacks (packaged as ``hf_sparse.callbacks``)."""
+"""Trainer callbacks (packaged as ``hf_sparse.callbacks``), one module per method folder:
+``pruning`` (PruningCallback), ``masked_lr`` (GoldenMaskCallback), ``analysis``
+(SensitivityCallback), ``merging`` (TaskVectorPruneCallback), ``basis_sharing``
+(BasisSharingCallback)."""
 
+from .analysis import SensitivityCallback
 from .basis_sharing import BasisSharingCallback
-from .golden import GoldenMaskCallback
+from .masked_lr import GoldenMaskCallback
+from .merging import TaskVectorPruneCallback
 from .pruning import PruningCallback
-from .sensitivity import SensitivityCallback
-from .task_vector import TaskVectorPruneCallback
 
 __all__ = [
     "BasisSharingCallback",

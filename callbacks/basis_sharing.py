@@ -4,7 +4,7 @@ One Trainer run does Basis Sharing compression (Wang et al., ICLR 2025) and reco
 fine-tuning: the model handed to Trainer is built with ``get_basis_sharing_model(..., defer=True)``
 (dense weights still in place, factors allocated), so the optimizer Trainer creates already holds
 the trainable factors; at ``on_train_begin`` this callback collects ``X^T X`` on the first
-``num_batches`` train batches and fills the factors in place (``compress_``).
+``num_batches`` train batches and fills the factors in place (``fill_deferred_factors_``).
 
 Example::
 
@@ -21,7 +21,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from hf_sparse.basis_sharing import compress_
+from hf_sparse.basis_sharing import fill_deferred_factors_
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class BasisSharingCallback(TrainerCallback):
                 break
         width = min(b.shape[1] for b in batches)
         calibration = torch.cat([b[:, :width] for b in batches])
-        self.counts = compress_(model, calibration=calibration, adapter_name=self.adapter_name)
+        self.counts = fill_deferred_factors_(
+            model, calibration=calibration, adapter_name=self.adapter_name
+        )
         self.compressed = True
         logger.info("basis_sharing: compressed with %d windows: %s", len(calibration), self.counts)
         return control

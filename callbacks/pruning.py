@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from hf_sparse.masked.bitmask import MASKS_FILE, load_masks, save_masks
+from hf_sparse.masks.bitmask import MASKS_FILE, load_masks, save_masks
 from hf_sparse.models import target_linears, weight_matrix
 from hf_sparse.pruning import PruningConfig, apply_masks_, prune_
 

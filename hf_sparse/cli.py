@@ -1,47 +1,311 @@
-"""The ``hf-sparse`` command line.
+"""The ``hf-sparse`` command line: parse flags into a recipe mapping and dispatch.
 
 hf-sparse fetch-model smollm2-135m
-hf-sparse run recipes/quickstart.yaml [--output-dir DIR] [--overwrite]
+hf-sparse run RECIPE.yaml [--model M] [--output-dir DIR] [--overwrite]     (any recipe kind)
 hf-sparse prune MODEL --method sparsegpt --sparsity 0.5 [--mask 2:4] --output-dir DIR
+hf-sparse mask golden|reverse|score MODEL [--top-k-percent 5] --output-dir DIR
+hf-sparse merge RECIPE.yaml [--output-dir DIR]
+hf-sparse analyze RECIPE.yaml | MODEL --metric fisher --top-k 1000 --output-dir DIR
+hf-sparse compress [RECIPE.yaml] [--model M --ratio 0.2] --output-dir DIR
+hf-sparse decompose tms_5-2 | RECIPE.yaml [--output-dir DIR]
 hf-sparse eval MODEL [--dataset wikitext2] [--num-windows 32]
 hf-sparse push FOLDER --repo-id NAMESPACE/NAME
-hf-sparse mask golden MODEL --top-k-percent 5 --num-samples 16 --output-dir DIR
-hf-sparse mask reverse MODEL --target-percent 1 --strategy momentum --output-dir DIR
-hf-sparse mask score MODEL --metric fisher --top-k-percent 1 --scope global --output-dir DIR
-hf-sparse merge recipes/merge-sparsegpt-tv.yaml [--output-dir DIR] [--overwrite]
-hf-sparse analyze recipes/critical-weights.yaml
-hf-sparse analyze MODEL --metric fisher --top-k 1000 --output-dir DIR
-hf-sparse compress recipes/basis-sharing-20.yaml [--output-dir DIR] [--overwrite]
-hf-sparse decompose tms_5-2 | recipes/spd-tms-5-2.yaml [--output-dir DIR] [--overwrite]
+
+The method subcommands are aliases of ``run``: each builds the recipe mapping of its kind from
+its flags (or reads the recipe file and lets the flags override it), then runs it through the
+recipe registry (``hf_sparse.recipes``); each method's pipeline prints its own summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-
-import torch
+from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger("hf_sparse")
 
 
-def _print_metrics(result) -> None:
-    metrics = result.metrics
-    lines = []
-    if "dense" in metrics:
-        lines.append(f"dense perplexity:   {metrics['dense']['perplexity']:.3f}")
-    if "pruned" in metrics:
-        lines.append(
-            f"pruned perplexity:  {metrics['pruned']['perplexity']:.3f} "
-            f"({metrics['perplexity_ratio']:.3f}x dense)"
-        )
-    lines.append(f"sparsity:           {100 * metrics['sparsity']:.2f}% of the pruned layers")
-    lines.append(f"pruning time:       {metrics['prune_seconds']:.1f} s")
-    if result.output_dir is not None:
-        lines.append(f"saved to:           {result.output_dir}")
-    print("\n".join(lines))
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows argparse defaults, except None/False (flags whose default the recipe decides
+    say so in their own text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+_FORMATTER = _Formatter
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag and the recipe key it sets (``{job}``/``{method}`` are filled from
+    the parsed arguments). ``shown`` is the default the recipe applies when the flag is left
+    out (printed in ``--help``); argparse's own default stays None so the recipe decides."""
+
+    option: str
+    path: str
+    help: str
+    shown: Any = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        text = self.help if self.shown is None else f"{self.help} (default: {self.shown})"
+        parser.add_argument(self.option, help=text, default=None, **self.kwargs)
+
+    @property
+    def dest(self) -> str:
+        return self.option.lstrip("-").replace("-", "_")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of a dataclass field (for help texts)."""
+    found = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if found.default is not dataclasses.MISSING:
+        return found.default
+    return found.default_factory()  # type: ignore[misc]
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = data
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[leaf] = value
+
+
+def apply_flags(data: dict[str, Any], args: argparse.Namespace, flags: list[Flag]) -> None:
+    """Write every flag that was given into ``data`` at its recipe path."""
+    names = vars(args)
+    for flag in flags:
+        value = names.get(flag.dest)
+        if value is not None:
+            _set_path(data, flag.path.format(**names), value)
+
+
+def _calibration_flags() -> list[Flag]:
+    from .recipes import CalibrationConfig as C
+
+    return [
+        Flag("--dataset", "calibration.dataset", "calibration text: named set or file",
+             default_of(C, "dataset")),
+        Flag("--num-samples", "calibration.num_samples", "calibration windows",
+             default_of(C, "num_samples"), {"type": int}),
+        Flag("--sequence-length", "calibration.sequence_length", "tokens per calibration window",
+             default_of(C, "sequence_length"), {"type": int}),
+        Flag("--seed", "calibration.seed", "seed of the calibration windows",
+             default_of(C, "seed"), {"type": int}),
+    ]  # fmt: skip
+
+
+def _prune_flags() -> list[Flag]:
+    from .pruning.config import PruningConfig as P
+
+    return [
+        Flag("--sparsity", "pruning.{method}.sparsity", "fraction removed per layer, in [0, 1)",
+             kwargs={"type": float}),
+        Flag("--mask", "pruning.{method}.mask", "'unstructured' or N:M, e.g. 2:4",
+             default_of(P, "mask")),
+        Flag("--targets", "pruning.{method}.targets", "patterns of layers to prune",
+             "every decoder-block linear", {"nargs": "+"}),
+        Flag("--ignore", "pruning.{method}.ignore", "patterns never pruned",
+             default_of(P, "ignore"), {"nargs": "+"}),
+        Flag("--blocks", "pruning.{method}.blocks",
+             "path or 're:' pattern of the decoder-block ModuleList", "found from the model"),
+        *_calibration_flags(),
+        Flag("--eval-dataset", "evaluation.dataset", "perplexity text", "wikitext2"),
+        Flag("--num-windows", "evaluation.num_windows", "perplexity windows", 32, {"type": int}),
+    ]  # fmt: skip
+
+
+def _mask_flags(job: str) -> list[Flag]:
+    from .masked_lr.config import GoldenConfig, MaskDataConfig, ReverseGoldenConfig, ScoreConfig
+
+    cls = {"score": ScoreConfig, "golden": GoldenConfig, "reverse": ReverseGoldenConfig}[job]
+    flags = [
+        Flag("--metric", "mask.{job}.metric", "importance metric", default_of(cls, "metric")),
+        Flag("--params", "mask.{job}.params", "parameter patterns to score",
+             "decoder-block linear weights", {"nargs": "+"}),
+    ]  # fmt: skip
+    if job == "reverse":
+        flags += [
+            Flag("--target-percent", "mask.{job}.target_percent", "mask size, percent",
+                 default_of(cls, "target_percent"), {"type": float}),
+            Flag("--strategy", "mask.{job}.strategy", "fluctuation strategy",
+                 default_of(cls, "strategy")),
+            Flag("--rounds", "mask.{job}.rounds", "search rounds", default_of(cls, "rounds"),
+                 {"type": int}),
+            Flag("--patience", "mask.{job}.patience", "rounds without gain before stopping",
+                 default_of(cls, "patience"), {"type": int}),
+        ]  # fmt: skip
+    else:
+        flags += [
+            Flag("--top-k-percent", "mask.{job}.top_k_percent", "top-k, percent",
+                 default_of(cls, "top_k_percent"), {"type": float}),
+            Flag("--scope", "mask.{job}.scope", "ranking scope", default_of(cls, "scope")),
+        ]  # fmt: skip
+    if job != "score":
+        flags.append(
+            Flag("--last-blocks-percent", "mask.{job}.last_blocks_percent",
+                 "only the last N%% of decoder blocks", "all blocks", {"type": float})
+        )  # fmt: skip
+    D = MaskDataConfig
+    flags += [
+        Flag("--dataset", "data.dataset", "named set or local file", default_of(D, "dataset")),
+        Flag("--format", "data.format", "auto, instruction or text", default_of(D, "format")),
+        Flag("--num-samples", "data.num_samples", "samples scored", default_of(D, "num_samples"),
+             {"type": int}),
+        Flag("--eval-samples", "data.eval_samples", "held-out samples (reverse)",
+             default_of(D, "eval_samples"), {"type": int}),
+        Flag("--max-length", "data.max_length", "tokens per sample", default_of(D, "max_length"),
+             {"type": int}),
+        Flag("--seed", "data.seed", "seed of the sample draw", default_of(D, "seed"),
+             {"type": int}),
+    ]  # fmt: skip
+    return flags
+
+
+def _analyze_flags() -> list[Flag]:
+    from .analysis.config import AnalysisConfig as A
+
+    return [
+        Flag("--metric", "analysis.metric", "importance metric", default_of(A, "metric")),
+        Flag("--top-k", "analysis.top_k", "size of the critical set (a count)",
+             kwargs={"type": int}),
+        Flag("--top-k-percent", "analysis.top_k", "... or a percentage", default_of(A, "top_k"),
+             {"type": float}),
+        Flag("--mode", "analysis.mode", "global, layer or head", default_of(A, "mode")),
+        Flag("--num-samples", "analysis.num_samples", "scoring windows",
+             default_of(A, "num_samples"), {"type": int}),
+        Flag("--dataset", "analysis.dataset", "scoring text (named set or file)",
+             default_of(A, "dataset")),
+    ]  # fmt: skip
+
+
+def _compress_flags() -> list[Flag]:
+    return [
+        Flag("--ratio", "basis_sharing.ratio", "share of targeted parameters removed, in (0, 1)",
+             kwargs={"type": float}),
+        Flag("--group-size", "basis_sharing.group_size", "consecutive layers sharing a basis",
+             kwargs={"type": int}),
+        Flag("--shared-roles", "basis_sharing.shared_roles", "roles that share bases",
+             kwargs={"nargs": "+"}),
+        Flag("--target-roles", "basis_sharing.target_roles", "roles to compress", "all",
+             {"nargs": "+"}),
+        Flag("--blocks", "basis_sharing.blocks", "decoder-block ModuleList path or 're:'",
+             "found from the model"),
+        *_calibration_flags(),
+        Flag("--eval-windows", "evaluation.num_windows", "perplexity windows", 32,
+             {"type": int}),
+    ]  # fmt: skip
+
+
+def _decompose_flags() -> list[Flag]:
+    return [
+        Flag("--steps", "train.steps", "SPD training steps", "the experiment's",
+             {"type": int}),
+        Flag("--batch-size", "train.batch_size", "SPD batch size", "the experiment's",
+             {"type": int}),
+        Flag("--lr", "train.lr", "SPD learning rate", "the experiment's", {"type": float}),
+        Flag("--seed", "train.seed", "SPD seed", "the experiment's", {"type": int}),
+    ]  # fmt: skip
+
+
+def _is_recipe_file(target: str) -> bool:
+    from pathlib import Path
+
+    return target.endswith((".yaml", ".yml")) or Path(target).is_file()
+
+
+def _read(target: str | None) -> dict[str, Any]:
+    from .recipes import read_recipe_file
+
+    return dict(read_recipe_file(target)) if target else {}
+
+
+def _run(
+    data_or_path, args: argparse.Namespace, kind: str | None = None, model: str | None = None
+) -> int:
+    """Run a recipe (``model``: the --model override) and print its kind's summary."""
+    from .recipes import run_recipe
+
+    found, result = run_recipe(
+        data_or_path, kind=kind, model=model, output_dir=args.output_dir, overwrite=args.overwrite
+    )
+    print(found.summarize(result))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(args.recipe, args, model=args.model)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    data: dict[str, Any] = {"model": args.model, "pruning": {args.method: {}}}
+    data["evaluation"] = None if args.no_eval else {}
+    apply_flags(data, args, _prune_flags())
+    if args.no_eval:
+        data["evaluation"] = None
+    return _run(data, args, "pruning")
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    data: dict[str, Any] = {"model": args.model, "mask": {args.job: {}}}
+    apply_flags(data, args, _mask_flags(args.job))
+    return _run(data, args, "masks")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    data = _read(args.recipe)
+    if args.blocks is not None:
+        _set_path(data, "parameters.blocks", args.blocks)
+    return _run(data, args, "merging", model=args.model)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    if args.top_k is not None and args.top_k_percent is not None:
+        raise ValueError("give --top-k (a count) or --top-k-percent, not both")
+    if _is_recipe_file(args.target):
+        data = _read(args.target)
+    else:
+        data = {"model": args.target, "analysis": {}}
+    data.setdefault("analysis", {})
+    apply_flags(data, args, _analyze_flags())
+    return _run(data, args, "analysis")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    data = _read(args.recipe)
+    data.setdefault("basis_sharing", {})
+    apply_flags(data, args, _compress_flags())
+    if args.no_whitening:
+        _set_path(data, "basis_sharing.whitening", False)
+    if args.update:
+        _set_path(data, "basis_sharing.update_coefficients", True)
+    if "ratio" not in data["basis_sharing"]:
+        raise ValueError("no ratio: pass --ratio (e.g. 0.2) or set basis_sharing.ratio")
+    if args.no_eval:
+        data["evaluation"] = None
+    elif "evaluation" not in data:
+        data["evaluation"] = {}
+    return _run(data, args, "basis_sharing", model=args.model)
+
+
+def cmd_decompose(args: argparse.Namespace) -> int:
+    data = _read(args.target) if _is_recipe_file(args.target) else {"experiment": args.target}
+    apply_flags(data, args, _decompose_flags())
+    if args.no_plots:
+        data["plots"] = False
+    return _run(data, args, "spd")
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
@@ -51,258 +315,10 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_mask_summary(summary: dict, output_dir) -> None:
-    lines = [
-        f"job:       {summary['job']}",
-        f"kept:      {summary['kept']:,} entries ({100 * summary['density']:.4f}%)",
-        f"time:      {summary['seconds']:.1f} s",
-    ]
-    if summary.get("kl") is not None:
-        lines.append(f"KL(original || masked removed): {summary['kl']:.5f}")
-    if output_dir is not None:
-        lines.append(f"saved to:  {output_dir}")
-    print("\n".join(lines))
-
-
-def cmd_mask(args: argparse.Namespace) -> int:
-    from .mask_pipeline import MaskDataConfig, load_recipe_model, parse_mask_job, run_mask_job
-
-    settings = {
-        key: value
-        for key, value in vars(args).items()
-        if key in _MASK_JOB_FLAGS[args.job] and value is not None
-    }
-    job = parse_mask_job({args.job: settings}, where="command line")
-    data = MaskDataConfig(
-        dataset=args.dataset,
-        format=args.format,
-        num_samples=args.num_samples,
-        eval_samples=args.eval_samples,
-        max_length=args.max_length,
-        seed=args.seed,
-    )
-    model, tokenizer = load_recipe_model(args.model, args.output_dir, args.overwrite)
-    _, summary = run_mask_job(model, tokenizer, job, data, args.output_dir, args.overwrite)
-    _print_mask_summary(summary, args.output_dir)
-    return 0
-
-
-# Command-line flags that become settings of each mask job (the rest are data / output flags).
-_MASK_JOB_FLAGS = {
-    "score": {"metric", "top_k_percent", "scope", "params"},
-    "golden": {"metric", "top_k_percent", "scope", "params", "last_blocks_percent"},
-    "reverse": {
-        "metric",
-        "target_percent",
-        "strategy",
-        "rounds",
-        "patience",
-        "params",
-        "last_blocks_percent",
-    },
-}
-
-
-def _add_mask_parser(sub) -> None:
-    from .importance import FLUCTUATION_STRATEGIES, IMPORTANCE_METRICS
-    from .masked import RANKING_SCOPES
-
-    mask = sub.add_parser("mask", help="score parameters or search golden masks; save the masks")
-    jobs = mask.add_subparsers(dest="job", required=True)
-    for job, help_text in (
-        ("score", "top-k of one importance metric"),
-        ("golden", "intersection of per-sample top-k masks"),
-        ("reverse", "mask whose removal changes the output distribution most (KL)"),
-    ):
-        p = jobs.add_parser(job, help=help_text)
-        p.add_argument("model", help="known name (smollm2-135m), local folder or Hub id")
-        p.add_argument("--metric", choices=sorted(IMPORTANCE_METRICS), default=None)
-        p.add_argument("--params", nargs="+", default=None, help="parameter patterns to score")
-        if job == "reverse":
-            p.add_argument("--target-percent", type=float, default=None)
-            p.add_argument("--strategy", choices=sorted(FLUCTUATION_STRATEGIES), default=None)
-            p.add_argument("--rounds", type=int, default=None)
-            p.add_argument("--patience", type=int, default=None)
-        else:
-            p.add_argument("--top-k-percent", type=float, default=None)
-            p.add_argument("--scope", choices=list(RANKING_SCOPES), default=None)
-        if job != "score":
-            p.add_argument("--last-blocks-percent", type=float, default=None)
-        p.add_argument("--dataset", default="alpaca", help="named set or local file")
-        p.add_argument("--format", choices=["auto", "instruction", "text"], default="auto")
-        p.add_argument("--num-samples", type=int, default=16)
-        p.add_argument("--eval-samples", type=int, default=8)
-        p.add_argument("--max-length", type=int, default=256)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--output-dir", required=True)
-        p.add_argument("--overwrite", action="store_true")
-        p.set_defaults(func=cmd_mask)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import oneshot
-    from .recipes import load_recipe, read_recipe_file
-
-    data = read_recipe_file(args.recipe)
-    if "merge_method" in data:
-        return _run_merge_recipe(data, args)
-    if "analysis" in data:
-        return _run_analysis(data, args)
-    if "finetune" in data:
-        return _run_sft_recipe(data, args)
-    if "mask" in data:
-        return _run_mask_recipe(data, args)
-    recipe = _with_overrides(load_recipe(args.recipe), args)
-    result = oneshot(None, recipe, overwrite=args.overwrite)
-    _print_metrics(result)
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from .recipes import read_recipe_file
-
-    if args.target.endswith((".yaml", ".yml")):
-        return _run_analysis(read_recipe_file(args.target), args)
-    analysis: dict = {"metric": args.metric, "mode": args.mode}
-    if args.top_k is not None and args.top_k_percent is not None:
-        raise ValueError("give --top-k (a count) or --top-k-percent, not both")
-    if args.top_k is not None:
-        analysis["top_k"] = args.top_k
-    elif args.top_k_percent is not None:
-        analysis["top_k"] = float(args.top_k_percent)
-    for key in ("num_samples", "dataset"):
-        if getattr(args, key) is not None:
-            analysis[key] = getattr(args, key)
-    data = {"model": args.target, "analysis": analysis, "output_dir": args.output_dir}
-    return _run_analysis(data, args)
-
-
-def _run_analysis(data: dict, args: argparse.Namespace) -> int:
-    from .analysis.pipeline import analysis_recipe_from_dict, run_analysis_recipe
-
-    recipe = analysis_recipe_from_dict(data, where=str(getattr(args, "recipe", "command line")))
-    if getattr(args, "model", None):
-        recipe.model = args.model
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
-    study = run_analysis_recipe(recipe, overwrite=args.overwrite)
-    results = study["results"]
-    print(f"dense perplexity:  {results['dense']['perplexity']:.3f}")
-    for point in results["points"]:
-        mean, std = point["random_mean"]["perplexity"], point["random_std"]["perplexity"]
-        print(
-            f"{point['kind']} x{point['strength']:g} top-{point['k']} ({point['target']}): "
-            f"{point['top']['perplexity']:.3f} vs random {mean:.3f} +- {std:.3f}, "
-            f"bottom {point['bottom']['perplexity']:.3f}"
-        )
-    worst = (results.get("single_weights") or {}).get("worst")
-    if worst:
-        print(
-            f"most damaging single weight: {worst['parameter']}{worst['index']} -> "
-            f"{worst['perplexity']:.3f} ({worst['ratio_to_dense']:.2f}x dense)"
-        )
-    print(f"report: {recipe.output_dir}/report.html")
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from .recipes import read_recipe_file
-
-    return _run_merge_recipe(read_recipe_file(args.recipe), args)
-
-
-def _run_merge_recipe(data: dict, args: argparse.Namespace) -> int:
-    from .merging.pipeline import merge_recipe_from_dict, run_merge_recipe
-
-    recipe = merge_recipe_from_dict(data, where=str(args.recipe))
-    if getattr(args, "model", None):
-        recipe.base_model = args.model
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
-    run = run_merge_recipe(recipe, overwrite=args.overwrite)
-    metrics = run.metrics
-    lines = [f"method:             {recipe.config.method} at density {recipe.config.density}"]
-    if "base" in metrics:
-        lines.append(f"base perplexity:    {metrics['base']['perplexity']:.3f}")
-    if "merged" in metrics:
-        lines.append(f"merged perplexity:  {metrics['merged']['perplexity']:.3f}")
-    lines.append(f"merged task vector: {100 * metrics['density']:.2f}% non-zero")
-    if "mean_relative_reconstruction_error" in metrics:
-        error = metrics["mean_relative_reconstruction_error"]
-        lines.append(f"mean ||X(tau - tau_pruned)||^2 / ||X tau||^2: {error:.4f}")
-    lines.append(f"merge time:         {metrics['merge_seconds']:.1f} s")
-    if run.output_dir is not None:
-        lines.append(f"saved to:           {run.output_dir} ({recipe.output})")
-    print("\n".join(lines))
-    return 0
-
-
-def _run_mask_recipe(data: dict, args: argparse.Namespace) -> int:
-    from .mask_pipeline import mask_recipe_from_dict, run_mask_recipe
-
-    recipe = _with_overrides(mask_recipe_from_dict(data, where=str(args.recipe)), args)
-    summary = run_mask_recipe(recipe, overwrite=args.overwrite)
-    _print_mask_summary(summary, recipe.output_dir)
-    return 0
-
-
-def _run_sft_recipe(data: dict, args: argparse.Namespace) -> int:
-    from .sft import run_sft_recipe, sft_recipe_from_dict
-
-    recipe = _with_overrides(sft_recipe_from_dict(data, where=str(args.recipe)), args)
-    results = run_sft_recipe(recipe, overwrite=args.overwrite, recipe_dict=data)
-    print(
-        f"held-out loss: {results['eval_loss_before']:.4f} -> {results['eval_loss_after']:.4f}\n"
-        f"trainable parameters: {results['trainable_parameters']:,}"
-        + (f"\nsaved to: {recipe.output_dir}" if recipe.output_dir else "")
-    )
-    return 0
-
-
-def _with_overrides(recipe, args: argparse.Namespace):
-    """``--model`` / ``--output-dir`` of ``hf-sparse run`` replace the recipe's."""
-    if args.model:
-        recipe.model = args.model
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
-    return recipe
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    from .pipeline import oneshot
-    from .recipes import recipe_from_dict
-
-    settings = {"sparsity": args.sparsity, "mask": args.mask}
-    if args.ignore is not None:
-        settings["ignore"] = args.ignore
-    if args.targets is not None:
-        settings["targets"] = args.targets
-    recipe = recipe_from_dict(
-        {
-            "model": args.model,
-            "calibration": {
-                "dataset": args.dataset,
-                "num_samples": args.num_samples,
-                "sequence_length": args.sequence_length,
-                "seed": args.seed,
-            },
-            "pruning": {args.method: settings},
-            "evaluation": None
-            if args.no_eval
-            else {"dataset": args.eval_dataset, "num_windows": args.num_windows},
-            "output_dir": args.output_dir,
-        },
-        where="command line",
-    )
-    result = oneshot(None, recipe, overwrite=args.overwrite)
-    _print_metrics(result)
-    return 0
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import evaluation_windows
     from .evaluation import format_sparsity_report, perplexity, sparsity_report
-    from .pipeline import load_model_and_tokenizer
+    from .loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     windows = evaluation_windows(tokenizer, args.dataset, args.sequence_length, args.num_windows)
@@ -310,17 +326,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = sparsity_report(model)
     if args.layers:
         print(format_sparsity_report(report))
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                **result.to_dict(),
-                "linear_sparsity": sum(r.zeros for r in report)
-                / max(sum(r.total for r in report), 1),
-            },
-            indent=2,
-        )
-    )
+    zeros, total = sum(r.zeros for r in report), sum(r.total for r in report)
+    summary = {"model": args.model, **result.to_dict(), "linear_sparsity": zeros / max(total, 1)}
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -332,89 +340,113 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--output-dir",
+        required=required,
+        default=None,
+        help="where the output goes (written to a temporary folder, then renamed)",
+    )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output folder")  # fmt: skip
+
+
+def _add_flags(p: argparse.ArgumentParser, flags: list[Flag]) -> None:
+    for flag in flags:
+        flag.add_to(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pruning.config import PRUNING_METHODS
+    from .spd.experiments import EXPERIMENTS
 
     parser = argparse.ArgumentParser(
         prog="hf-sparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch-model", help="fetch a known model and cache a float32 copy")
-    p.add_argument("name", nargs="?", default="smollm2-135m")
-    p.add_argument("--cache-dir", default=None)
-    p.set_defaults(func=cmd_fetch_model)
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_FORMATTER)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("run", help="run a YAML recipe")
-    p.add_argument("recipe")
+    p = command("fetch-model", "fetch a known model and cache a float32 copy", cmd_fetch_model)
+    p.add_argument("name", nargs="?", default="smollm2-135m", help="known model name")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $HF_SPARSE_CACHE)")
+
+    p = command("run", "run a YAML recipe of any kind", cmd_run)
+    p.add_argument("recipe", help="recipe file (see recipes/)")
     p.add_argument("--model", default=None, help="override the recipe's model")
-    p.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=cmd_run)
+    _add_output_flags(p)
 
-    p = sub.add_parser("prune", help="prune a model one-shot and save it")
+    p = command("prune", "prune a model one-shot and save it", cmd_prune)
     p.add_argument("model", help="known name (smollm2-135m), local folder or Hub id")
-    p.add_argument("--method", choices=sorted(PRUNING_METHODS), default="sparsegpt")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction removed, in [0, 1)")
-    p.add_argument("--mask", default="unstructured", help="'unstructured' or N:M, e.g. 2:4")
-    p.add_argument("--targets", nargs="+", default=None, help="patterns of layers to prune")
-    p.add_argument("--ignore", nargs="+", default=None, help="patterns never pruned")
-    p.add_argument("--dataset", default="wikitext2", help="calibration set (name or file)")
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--sequence-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-dataset", default="wikitext2")
-    p.add_argument("--num-windows", type=int, default=32)
+    p.add_argument("--method", choices=sorted(PRUNING_METHODS), default="sparsegpt",
+                   help="pruning method")  # fmt: skip
+    _add_flags(p, _prune_flags())
     p.add_argument("--no-eval", action="store_true", help="skip perplexity")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_prune)
+    _add_output_flags(p, required=True)
 
-    p = sub.add_parser("eval", help="perplexity and sparsity of a model")
-    p.add_argument("model")
-    p.add_argument("--dataset", default="wikitext2")
-    p.add_argument("--sequence-length", type=int, default=512)
-    p.add_argument("--num-windows", type=int, default=32, help="first N windows")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
-    p.set_defaults(func=cmd_eval)
+    mask = sub.add_parser("mask", help="score parameters or search golden masks; save the masks")
+    jobs = mask.add_subparsers(dest="job", required=True)
+    for job, help_text in (
+        ("score", "top-k of one importance metric"),
+        ("golden", "intersection of per-sample top-k masks"),
+        ("reverse", "mask whose removal changes the output distribution most (KL)"),
+    ):
+        p = jobs.add_parser(job, help=help_text, description=help_text, formatter_class=_FORMATTER)
+        p.set_defaults(func=cmd_mask)
+        p.add_argument("model", help="known name (smollm2-135m), local folder or Hub id")
+        _add_flags(p, _mask_flags(job))
+        _add_output_flags(p, required=True)
 
-    p = sub.add_parser("push", help="upload a saved pruned model to the Hub")
-    p.add_argument("folder")
-    p.add_argument("--repo-id", required=True)
-    p.add_argument("--token", default=None)
-    p.add_argument("--private", action="store_true")
-    p.set_defaults(func=cmd_push)
-
-    p = sub.add_parser("merge", help="merge fine-tuned models or adapters per a YAML recipe")
+    p = command("merge", "merge fine-tuned models or adapters per a YAML recipe", cmd_merge)
     p.add_argument("recipe", help="mergekit-like YAML: merge_method, base_model, models, ...")
-    p.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=cmd_merge)
+    p.add_argument("--model", default=None, help="override the recipe's base_model")
+    p.add_argument("--blocks", default=None, help="decoder-block ModuleList path or 're:'")
+    _add_output_flags(p)
 
-    from .importance import IMPORTANCE_METRICS
-
-    p = sub.add_parser("analyze", help="critical-weight study: scores, perturbations, report")
+    p = command("analyze", "critical-weight study: scores, perturbations, report", cmd_analyze)
     p.add_argument("target", help="an analysis recipe (.yaml) or a model (name, folder, Hub id)")
-    p.add_argument("--metric", choices=sorted(IMPORTANCE_METRICS), default="fisher")
-    p.add_argument("--top-k", type=int, default=None, help="size of the critical set (count)")
-    p.add_argument("--top-k-percent", type=float, default=None, help="... or a percentage")
-    p.add_argument("--mode", choices=["global", "layer", "head"], default="global")
-    p.add_argument("--num-samples", type=int, default=None)
-    p.add_argument("--dataset", default=None, help="scoring text (named set or file)")
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_analyze)
+    _add_flags(p, _analyze_flags())
+    _add_output_flags(p)
 
-    from .basis_sharing.cli import add_compress_parser
-    from .spd.cli import add_decompose_parser
+    p = command("compress", "compress a model with Basis Sharing and save it", cmd_compress)
+    p.add_argument("recipe", nargs="?", help="recipe YAML (the flags override it)")
+    p.add_argument("--model", default=None, help="known name, local folder or Hub id")
+    _add_flags(p, _compress_flags())
+    p.add_argument("--no-whitening", action="store_true", help="plain SVD (no calibration)")
+    p.add_argument("--update", action="store_true", help="refit coefficients after compressing")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurement")
+    _add_output_flags(p)
 
-    add_compress_parser(sub)
-    add_decompose_parser(sub)
-    _add_mask_parser(sub)
+    p = command("decompose", "stochastic parameter decomposition (SPD)", cmd_decompose)
+    p.add_argument("target", metavar="EXPERIMENT|RECIPE.yaml",
+                   help=f"a toy experiment ({', '.join(EXPERIMENTS)}) or a recipe")  # fmt: skip
+    _add_flags(p, _decompose_flags())
+    p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
+    _add_output_flags(p)
+
+    p = command("eval", "perplexity and sparsity of a model", cmd_eval)
+    p.add_argument("model", help="known name, folder or Hub id")
+    p.add_argument("--dataset", default="wikitext2", help="evaluation text")
+    p.add_argument("--sequence-length", type=int, default=512, help="tokens per window")
+    p.add_argument("--num-windows", type=int, default=32, help="first N windows")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
+
+    p = command("push", "upload a saved output folder to the Hub", cmd_push)
+    p.add_argument("folder", help="an hf_sparse output folder")
+    p.add_argument("--repo-id", required=True, help="NAMESPACE/NAME on the Hub")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
     return parser
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,13 +456,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError) as error:
-        if args.verbose:
+    except KeyboardInterrupt:
+        print(f"hf-sparse {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if args.debug:
             raise
-        print(f"hf-sparse {args.command}: error: {error}", file=sys.stderr)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"hf-sparse {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

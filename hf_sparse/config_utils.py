@@ -27,12 +27,8 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T
     if values is not None and not isinstance(values, dict):
         raise ValueError(f"{where or cls.__name__} must be a mapping, got {type(values).__name__}")
     values = dict(values or {})
-    valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in {where or cls.__name__}; valid keys: {valid}"
-        )
+    valid = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+    check_keys(values, valid, where or cls.__name__)
     return cls(**values)
 
 
@@ -48,10 +44,24 @@ def check_positive_ints(config: Any, names: tuple[str, ...], prefix: str) -> Non
             raise ValueError(f"{prefix}.{name} must be a positive integer, got {value!r}")
 
 
-def check_keys(values: dict[str, Any], valid: tuple[str, ...], where: str, kind: str) -> None:
-    """Refuse top-level recipe keys outside ``valid``, listing the valid ones."""
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
+def check_keys(values: Any, valid: tuple[str, ...], where: str, kind: str | None = None) -> None:
+    """The one unknown-key check of every config and recipe: refuse a non-mapping or keys
+    outside ``valid``, naming the closest valid key and listing all of them."""
+    import difflib
+
+    label = f"a {kind}" if kind else where
+    if not isinstance(values, dict):
         raise ValueError(
-            f"unknown key(s) {unknown} in {where}; valid keys of a {kind}: {list(valid)}"
+            f"{where} must be a mapping with keys {list(valid)}, got {type(values).__name__}"
+        )
+    unknown = sorted(set(values) - set(valid), key=str)
+    if unknown:
+        hints = [
+            f"{key!r} -> {close[0]!r}"
+            for key in unknown
+            if (close := difflib.get_close_matches(str(key), valid, n=1))
+        ]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ValueError(
+            f"unknown key(s) {unknown} in {where}{hint}; valid keys of {label}: {list(valid)}"
         )

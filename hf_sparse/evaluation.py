@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .masked import ParameterMasks
+from .masks import ParameterMasks
 from .models import is_linear, weight_matrix
 
 

@@ -30,7 +30,7 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 def render_model_card(
     sparsity: dict[str, Any],
     results: dict[str, Any],
-    recipe=None,
+    recipe: dict[str, Any] | None = None,
     base_model: str | None = None,
     repo_id: str = "<your-namespace>/<model-name>",
 ) -> str:
@@ -61,9 +61,9 @@ def render_model_card(
         pruned_ppl=_fmt(pruned),
         ratio=_fmt(pruned / dense if dense and pruned else None),
         eval_note=eval_note,
-        prune_seconds=_fmt(metrics.get("prune_seconds"), ".1f"),
+        prune_seconds=_fmt((results.get("timings") or {}).get("prune_seconds"), ".1f"),
         settings=json.dumps(sparsity, indent=2),
-        recipe=yaml.safe_dump(recipe.to_dict(), sort_keys=False).strip() if recipe else "(none)",
+        recipe=yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(none)",
         repo_id=repo_id,
     )
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .masked.ranking import TensorLayout
+from .masks.ranking import TensorLayout
 
 # Leaf module name -> role. Parent-dependent names (GPT-2's ``c_proj`` is "o" under ``attn``
 # and "fc2" under ``mlp``) are resolved in ``linear_role``.
@@ -252,7 +252,7 @@ def _head_size(config) -> int | None:
 
 def parameter_layouts(model: nn.Module) -> dict[str, TensorLayout]:
     """Ranking layout of every parameter: its output-row axis and, for attention projections,
-    the axis and width of one head (``hf_sparse.masked.top_k`` scopes ``row`` and ``head``).
+    the axis and width of one head (``hf_sparse.masks.top_k`` scopes ``row`` and ``head``).
 
     q/k/v rows are grouped by head; the output projection's columns are; GPT-2's fused
     ``c_attn`` holds q, k and v side by side (head groups along its output axis) and GPT-NeoX's

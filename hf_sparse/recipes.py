@@ -1,4 +1,12 @@
-"""YAML recipes: one file says which model, which data, which method and where the result goes.
+"""YAML recipes: one registry of recipe kinds, and the blocks every kind shares.
+
+A recipe is a YAML mapping that says which model, which data, which method and where the
+result goes. Each method registers its kind in its ``pipeline.py``: the top-level keys that
+mark it (``pruning``, ``merge_method``, ``mask``, ``finetune``, ``analysis``,
+``basis_sharing``, ``experiment``/``spd``), a parser that checks every key before any work,
+a runner and a summary printer. ``hf-sparse run FILE`` (and :func:`run_recipe`) dispatch on
+those keys; the method subcommands (``prune``, ``merge``, ...) are aliases that build the same
+mapping from flags.
 
 Example (``recipes/quickstart.yaml``)::
 
@@ -8,21 +16,19 @@ Example (``recipes/quickstart.yaml``)::
       sparsegpt: {sparsity: 0.5}
     evaluation: {dataset: wikitext2, sequence_length: 512, num_windows: 32}
     output_dir: outputs/smollm2-sparsegpt-50
-
-Every level rejects unknown keys with the list of valid ones.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config_utils import check_positive_ints, from_dict, help_field, to_dict
-from .pruning.config import PruningConfig, pruning_config_from_dict
+from .config_utils import check_positive_ints, help_field
 
 
 @dataclass
@@ -49,51 +55,31 @@ class EvaluationConfig:
     text_field: str = help_field("Column holding the text in jsonl/parquet data.", "text")
 
 
-@dataclass
-class Recipe:
-    model: str
-    pruning: PruningConfig
-    calibration: CalibrationConfig
-    evaluation: EvaluationConfig | None
-    output_dir: str | None
+@dataclass(frozen=True)
+class RecipeKind:
+    """How one method reads, runs and reports its recipes.
 
-    def to_dict(self) -> dict[str, Any]:
-        pruning = to_dict(self.pruning)
-        return {
-            "model": self.model,
-            "calibration": to_dict(self.calibration),
-            "pruning": {self.pruning.method: pruning},
-            "evaluation": to_dict(self.evaluation) if self.evaluation else None,
-            "output_dir": self.output_dir,
-        }
+    ``parse(mapping, where)`` returns the method's recipe object, checking every key and value
+    before any work; ``run(recipe, overwrite=..., show_progress=...)`` does the work and saves
+    the output; ``summarize(result)`` returns the lines ``hf-sparse`` prints.
+    """
 
-
-RECIPE_KEYS = ("model", "calibration", "pruning", "evaluation", "output_dir")
+    name: str
+    keys: tuple[str, ...]  # top-level keys, any of which marks a recipe of this kind
+    parse: Callable[[dict[str, Any], str], Any]
+    run: Callable[..., Any]
+    summarize: Callable[[Any], str]
+    model_key: str | None = "model"  # where --model goes (None: the kind takes no model)
+    priority: int = 0  # the higher wins when several kinds' keys are present
 
 
-def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping with keys {list(RECIPE_KEYS)}")
-    unknown = sorted(set(data) - set(RECIPE_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {list(RECIPE_KEYS)}")
-    pruning = data.get("pruning")
-    if not isinstance(pruning, dict) or len(pruning) != 1:
-        raise ValueError(
-            f"{where}: 'pruning' must hold exactly one method, e.g. "
-            "pruning: {sparsegpt: {sparsity: 0.5}}"
-        )
-    ((method, settings),) = pruning.items()
-    evaluation = data.get("evaluation")
-    return Recipe(
-        model=str(data.get("model") or ""),
-        pruning=pruning_config_from_dict(method, settings),
-        calibration=from_dict(CalibrationConfig, data.get("calibration"), f"{where}.calibration"),
-        evaluation=None
-        if evaluation is None
-        else from_dict(EvaluationConfig, evaluation, f"{where}.evaluation"),
-        output_dir=data.get("output_dir"),
-    )
+RECIPE_KINDS: dict[str, RecipeKind] = {}
+
+
+def register_recipe_kind(kind: RecipeKind) -> RecipeKind:
+    """Add a kind (a second registration under the same name replaces the first)."""
+    RECIPE_KINDS[kind.name] = kind
+    return kind
 
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -101,6 +87,8 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"recipe {path} is a folder; pass a .yaml file (see recipes/)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -110,5 +98,62 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    return recipe_from_dict(read_recipe_file(path), where=str(path))
+def recipe_kind_of(data: dict[str, Any], where: str = "recipe") -> RecipeKind:
+    """The registered kind whose marking keys ``data`` holds (the highest priority wins).
+
+    Kinds register when their method package is imported; ``import hf_sparse`` imports all.
+    """
+    matches = [k for k in RECIPE_KINDS.values() if any(key in data for key in k.keys)]
+    if not matches:
+        marks = ", ".join(f"{k.name} ({' or '.join(k.keys)})" for k in RECIPE_KINDS.values())
+        raise ValueError(
+            f"{where} is no known recipe kind: it has keys {sorted(data)}, and a recipe needs "
+            f"the key of one kind: {marks}"
+        )
+    top = max(k.priority for k in matches)
+    best = [k for k in matches if k.priority == top]
+    if len(best) > 1:
+        raise ValueError(
+            f"{where} mixes the keys of several recipe kinds ({[k.name for k in best]}); "
+            "keep one method per recipe"
+        )
+    return best[0]
+
+
+def parse_recipe(
+    source: str | os.PathLike | dict[str, Any],
+    kind: str | None = None,
+    model: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> tuple[RecipeKind, Any]:
+    """``(kind, recipe object)`` from a file or mapping, with ``model``/``output_dir`` overrides.
+
+    ``kind`` insists on one kind (the method subcommands do): another kind is refused.
+    """
+    where = "recipe" if isinstance(source, dict) else str(source)
+    data = dict(source) if isinstance(source, dict) else read_recipe_file(source)
+    found = recipe_kind_of(data, where)
+    if kind is not None and found.name != kind:
+        raise ValueError(
+            f"{where} is a {found.name} recipe, not {kind}; run it with `hf-sparse run`"
+        )
+    if model:
+        if found.model_key is None:
+            raise ValueError(f"{found.name} recipes take no model; drop --model")
+        data[found.model_key] = model
+    if output_dir is not None:
+        data["output_dir"] = str(output_dir)
+    return found, found.parse(data, where)
+
+
+def run_recipe(
+    source: str | os.PathLike | dict[str, Any],
+    kind: str | None = None,
+    model: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> tuple[RecipeKind, Any]:
+    """Parse, check and run any recipe; returns ``(kind, result)``."""
+    found, recipe = parse_recipe(source, kind, model, output_dir)
+    return found, found.run(recipe, overwrite=overwrite, show_progress=show_progress)

@@ -89,7 +89,7 @@ def merge_state(streams: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
     model = build_model()
     config = MergeConfig("sparsegpt_tv", density=0.3, sequential=True, hessians="per_task")
-    merge_(model, task_vectors(), config, calibration=streams, batch_size=BATCH_SIZE,
+    merge_(model, config, task_vectors(), calibration=streams, batch_size=BATCH_SIZE,
            show_progress=False)  # fmt: skip
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_sparse.hub import card_metadata, push_to_hub
-from hf_sparse.pipeline import oneshot
+from hf_sparse.pruning import oneshot
 from tests.conftest import build_tiny_model
 
 

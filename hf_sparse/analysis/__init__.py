@@ -10,13 +10,25 @@ HellaSwag (``downstream``) and ``hf_sparse.callbacks.SensitivityCallback``.
 """
 
 from .breakdown import COMPONENTS, breakdown, component_of, layer_of
+from .config import AnalysisConfig, PerturbationSpec, SensitivityConfig
 from .controls import RANKING_MODES, random_entries, resolve_count, top_k_entries
 from .effects import Effect, EffectProbe
 from .perturb import PERTURBATIONS, check_perturbation, perturbed, register_perturbation
+from .pipeline import AnalysisRecipe, analysis_recipe_from_dict, run_analysis_recipe
+from .report import verify_study
 from .stability import jaccard_matrix, spearman, spearman_matrix
+from .study import run_study
 
 __all__ = [
     "COMPONENTS",
+    "AnalysisConfig",
+    "AnalysisRecipe",
+    "PerturbationSpec",
+    "SensitivityConfig",
+    "analysis_recipe_from_dict",
+    "run_analysis_recipe",
+    "run_study",
+    "verify_study",
     "PERTURBATIONS",
     "RANKING_MODES",
     "Effect",

@@ -125,3 +125,35 @@ class AnalysisConfig:
                 f"stability_subsets ({self.stability_subsets}) exceeds num_samples "
                 f"({self.num_samples}): fewer windows than subsets"
             )
+
+
+@dataclass
+class SensitivityConfig:
+    """Snapshots of the critical set while a model trains (``SensitivityCallback``)."""
+
+    metric: str = help_field("Importance metric of each snapshot.", "magnitude")
+    top_k: int | float = help_field(
+        "Size of the critical set: a count (int) or a percentage (float) of the entries.", 1.0
+    )
+    steps: list[int] | None = help_field(
+        "Global steps to snapshot (0 = before training); or use `every`.", None
+    )
+    every: int | None = help_field("Snapshot every N steps (and at step 0).", None)
+    num_samples: int = help_field("First training samples every snapshot scores.", 8)
+    params: list[str] | None = help_field(
+        "Parameter patterns to score; None = decoder-block linear weights.", None
+    )
+    spearman_entries: int = help_field(
+        "Score entries kept (seeded subsample) for the Spearman correlation.", 1_000_000
+    )
+
+    def __post_init__(self) -> None:
+        if self.metric not in IMPORTANCE_METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; valid: {sorted(IMPORTANCE_METRICS)}")
+        if self.steps is None and self.every is None:
+            raise ValueError("choose when to snapshot: steps=[...] or every=N")
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
+            raise ValueError(f"every must be a positive integer, got {self.every!r}")
+        if self.steps is not None and any(not isinstance(s, int) or s < 0 for s in self.steps):
+            raise ValueError(f"steps must be non-negative integers, got {self.steps!r}")
+        check_positive_ints(self, ("num_samples", "spearman_entries"), "sensitivity")

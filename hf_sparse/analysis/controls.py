@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..masked import ParameterMasks
-from ..masked.ranking import flatten, top_count, unflatten
+from ..masks import ParameterMasks
+from ..masks.ranking import flatten, top_count, unflatten
 
 RANKING_MODES = ("global", "layer", "head")
 

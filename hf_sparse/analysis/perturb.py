@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..masked import ParameterMasks
+from ..masks import ParameterMasks
 
 Perturbation = Callable[[torch.Tensor, float, float, torch.Generator], torch.Tensor]
 PERTURBATIONS: dict[str, Perturbation] = {}

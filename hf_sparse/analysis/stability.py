@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..masked import ParameterMasks
-from ..masked.ranking import flatten
+from ..masks import ParameterMasks
+from ..masks.ranking import flatten
 
 
 def jaccard_matrix(masks: Sequence[ParameterMasks]) -> torch.Tensor:

@@ -35,8 +35,10 @@ from ..data import calibration_windows, evaluation_windows
 from ..importance import compute_importance
 from ..importance.selection import select_parameters
 from ..io import atomic_output_dir, check_output_dir, write_json_atomic
-from ..masked import ParameterMasks, top_k
+from ..loading import base_model_id
+from ..masks import ParameterMasks, top_k
 from ..models import parameter_layouts
+from ..outputs import results_record, write_outputs
 from .breakdown import COMPONENTS, breakdown, component_of, layer_of
 from .clustering import cluster_profiles, profiles, summarise_clusters
 from .config import AnalysisConfig
@@ -219,7 +221,11 @@ def run_study(
     show_progress: bool = True,
     model_name: str | None = None,
 ) -> dict[str, Any]:
-    """Run the study and write its folder; returns the in-memory results (the JSON contents)."""
+    """Run the study and write its folder; returns the in-memory results (the JSON contents).
+
+    Besides the study's own files the folder holds ``hf_sparse_results.json`` (the shared
+    output schema: headline figures) and ``recipe.yaml`` (an analysis recipe that reruns it).
+    """
     check_output_dir(output_dir, overwrite)
     start = time.perf_counter()
     selected = select_parameters(model, config.params)
@@ -281,6 +287,7 @@ def run_study(
     from .report import write_plots, write_report
 
     with atomic_output_dir(output_dir, overwrite) as tmp:
+        write_outputs(tmp, _results_record(settings, results), _recipe(settings, config))
         write_json_atomic(settings, tmp / "config.json")
         write_json_atomic(stats, tmp / "sensitivity_stats.json")
         write_json_atomic(results, tmp / "perturbation_results.json")
@@ -299,6 +306,30 @@ def run_study(
         write_json_atomic({"files": manifest}, tmp / "manifest.json")
     logger.info("critical-weight study written to %s", output_dir)
     return {"settings": settings, "stats": stats, "results": results, "stability": stability}
+
+
+def _results_record(settings: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """The shared results file of a study: dense perplexity and the headline perturbations."""
+    metrics: dict[str, Any] = {"dense": results["dense"]}
+    worst = (results.get("single_weights") or {}).get("worst")
+    if worst:
+        metrics["worst_single_weight"] = worst
+    metrics["points"] = [
+        {k: p[k] for k in ("kind", "strength", "k", "target", "top", "random_mean", "bottom")}
+        for p in results["points"]
+    ]
+    config = {k: v for k, v in settings.items() if k not in ("model", "seconds")}
+    return results_record(
+        "analysis",
+        config=config,
+        metrics=metrics,
+        timings={"study_seconds": settings["seconds"]},
+        base_model=base_model_id(settings["model"]),
+    )
+
+
+def _recipe(settings: dict[str, Any], config: AnalysisConfig) -> dict[str, Any]:
+    return {"model": settings["model"], "analysis": asdict(config)}
 
 
 __all__ = ["COMPONENTS", "parse_target", "run_study", "select_top"]

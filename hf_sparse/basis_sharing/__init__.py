@@ -19,7 +19,12 @@ from .core import (
 from .dynamic_rank import STRATEGIES, dynamic_rank
 from .factorized import FactorizedLinear, unload_factorized
 from .layer import BasisSharingLayer, Linear
-from .model import BasisSharingModel, compress_, get_basis_sharing_model
+from .model import BasisSharingModel, fill_deferred_factors_, get_basis_sharing_model
+from .pipeline import (
+    BasisSharingRecipe,
+    basis_sharing_recipe_from_dict,
+    run_basis_sharing_recipe,
+)
 from .plan import collect_input_stats, make_plan, parameter_counts
 from .update import update_coefficients_
 
@@ -31,11 +36,13 @@ __all__ = [
     "BasisSharingConfig",
     "BasisSharingLayer",
     "BasisSharingModel",
+    "BasisSharingRecipe",
     "FactorizedLinear",
     "Linear",
     "SharedFactors",
+    "basis_sharing_recipe_from_dict",
     "collect_input_stats",
-    "compress_",
+    "fill_deferred_factors_",
     "compression_rank",
     "dynamic_rank",
     "energy_rank",
@@ -43,6 +50,7 @@ __all__ = [
     "make_plan",
     "parameter_counts",
     "refit_coefficients",
+    "run_basis_sharing_recipe",
     "shared_basis_svd",
     "unload_factorized",
     "update_coefficients_",

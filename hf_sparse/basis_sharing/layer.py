@@ -39,8 +39,8 @@ class BasisSharingLayer(BaseTunerLayer):
         self.in_features, self.out_features = int(in_f), int(out_f)
         self.basis_sharing_coefficient = nn.ParameterDict({})
         self.basis_sharing_key: dict[str, str] = {}  # adapter -> basis key on the tuner
-        # True until the factors are filled (compress_ or loading a saved adapter); until then
-        # the layer runs its dense weight.
+        # True until the factors are filled (fill_deferred_factors_ or loading a saved adapter);
+        # until then the layer runs its dense weight.
         self.basis_sharing_pending: dict[str, bool] = {}
         self.basis_sharing_rank_policy: RankPolicy | None = None
         self._disable_adapters = False

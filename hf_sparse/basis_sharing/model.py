@@ -51,7 +51,7 @@ def get_basis_sharing_model(
     ``calibration`` (``[n, L]`` token ids) gives the whitening statistics (and the data of the
     coefficient update); ``stats`` (from ``collect_input_stats`` on the dense model) can be
     reused across configs instead. ``defer=True`` builds the structure with the dense weights
-    still in place; ``compress_`` fills it later (``BasisSharingCallback`` does so at
+    still in place; ``fill_deferred_factors_`` fills it later (``BasisSharingCallback`` does so at
     ``on_train_begin``). Every check runs before the model is touched.
     """
     if not isinstance(config, BasisSharingConfig):
@@ -63,7 +63,7 @@ def get_basis_sharing_model(
         raise ValueError(
             "calibration data is missing: whitening (and the coefficient update) need token "
             "windows (calibration=) or statistics (stats=); set whitening=False for plain SVD "
-            "or defer=True to compress later with compress_"
+            "or defer=True to compress later with fill_deferred_factors_"
         )
     if config.update_coefficients and calibration is None and not defer:
         raise ValueError(
@@ -77,7 +77,7 @@ def get_basis_sharing_model(
     make_plan(model, config)  # all checks, before any work
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if not defer:
-        compress_(peft_model, calibration, stats, adapter_name, batch_size)
+        fill_deferred_factors_(peft_model, calibration, stats, adapter_name, batch_size)
     return peft_model
 
 
@@ -88,7 +88,7 @@ def _tuner(model: nn.Module) -> BasisSharingModel:
     return tuner
 
 
-def compress_(
+def fill_deferred_factors_(
     model: nn.Module,
     calibration: torch.Tensor | None = None,
     stats: Mapping[str, InputStats] | None = None,

@@ -74,7 +74,7 @@ def update_coefficients_(
 
     ``dense_weights`` maps module names to the original ``[out, in]`` weights; without it the
     dense weights still held by the layers are used (compress with ``drop_dense_weights`` off,
-    or call this before they are dropped, as ``compress_`` does).
+    or call this before they are dropped, as ``fill_deferred_factors_`` does).
     """
     if not isinstance(calibration, torch.Tensor) or calibration.ndim != 2:
         raise ValueError("calibration must be a [n_windows, seq_len] tensor of token ids")

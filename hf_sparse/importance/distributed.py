@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration import distributed_world
-from ..masked import ParameterMasks
+from ..masks import ParameterMasks
 
 
 def is_distributed() -> bool:

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 
 from peft.config import PeftConfig
 
-from ..config_utils import help_field
+from ..config_utils import check_positive_ints, help_field
+from ..importance import IMPORTANCE_METRICS, check_metric_options
+from ..masks import RANKING_SCOPES, check_percent
 from ..peft_registry import add_peft_type
+from .core import FLUCTUATION_STRATEGIES
 
 PEFT_TYPE_NAME = "MASKED_LR"
 
@@ -50,7 +53,7 @@ class MaskedLRConfig(PeftConfig):
         "Modules never to adapt (same syntax as target_modules).", None
     )
     masks_file: str | None = help_field(
-        "Masks written by hf_sparse.masked.save_masks, keyed by full parameter name "
+        "Masks written by hf_sparse.masks.save_masks, keyed by full parameter name "
         "(model.layers.0.self_attn.q_proj.weight; a PEFT 'base_model.model.' prefix is ignored). "
         "Each mask has the weight's stored shape ([in, out] for Conv1D). Masks passed to "
         "get_masked_lr_model take precedence; a saved adapter carries its own masks.",
@@ -107,3 +110,170 @@ def _check_scale(field: str, value: object, allow_zero: bool) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         fix = "use 0 to freeze these entries" if allow_zero else "use a small positive value"
         raise ValueError(f"{field} must be finite and {bound}, got {value!r}; {fix}")
+
+
+def _check_metric(metric: str, options: dict, per_sample: bool) -> None:
+    check_metric_options(metric, options)
+    if per_sample and metric == "magnitude":
+        raise ValueError(
+            "metric 'magnitude' does not depend on the sample; golden masks need a per-sample "
+            f"metric, e.g. {sorted(set(IMPORTANCE_METRICS) - {'magnitude'})}"
+        )
+
+
+@dataclass
+class ScoreConfig:
+    """One importance metric's top-k as a mask (``hf-sparse mask score``)."""
+
+    metric: str = help_field("Importance metric (see hf_sparse.importance).", "gradient")
+    top_k_percent: float = help_field("Percent of entries kept in the mask.", 1.0)
+    scope: str = help_field("Ranking scope: global, tensor, row or head.", "global")
+    params: list[str] | None = help_field(
+        "Parameter patterns to score (roles, names, 're:'); None = decoder-block linear weights.",
+        None,
+    )
+    metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
+
+    def __post_init__(self) -> None:
+        check_percent(self.top_k_percent, "top_k_percent")
+        if self.scope not in RANKING_SCOPES:
+            raise ValueError(f"scope must be one of {list(RANKING_SCOPES)}, got {self.scope!r}")
+        _check_metric(self.metric, self.metric_options, per_sample=False)
+
+
+@dataclass
+class GoldenConfig:
+    """Golden parameters: the entries in the per-sample top ``top_k_percent`` % of every one of
+    ``num_samples`` samples (the intersection of per-sample top-k masks)."""
+
+    top_k_percent: float = help_field("Per-sample top-k, in percent of the ranked entries.", 5.0)
+    num_samples: int = help_field("Samples whose top-k sets are intersected.", 16)
+    metric: str = help_field("Per-sample importance metric (not magnitude).", "gradient")
+    scope: str = help_field("Ranking scope of each top-k: tensor, global, row or head.", "tensor")
+    params: list[str] | None = help_field(
+        "Parameter patterns to score; None = decoder-block linear weights.", None
+    )
+    last_blocks_percent: float | None = help_field(
+        "Only parameters in the last N% of decoder blocks; None = all blocks.", None
+    )
+    metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
+
+    def __post_init__(self) -> None:
+        check_percent(self.top_k_percent, "top_k_percent")
+        check_positive_ints(self, ("num_samples",), "golden")
+        if self.scope not in RANKING_SCOPES:
+            raise ValueError(f"scope must be one of {list(RANKING_SCOPES)}, got {self.scope!r}")
+        if self.last_blocks_percent is not None:
+            check_percent(self.last_blocks_percent, "last_blocks_percent")
+        _check_metric(self.metric, self.metric_options, per_sample=True)
+
+
+REVERSE_SCOPES = ("global", "tensor")
+
+
+@dataclass
+class ReverseGoldenConfig:
+    """Reverse golden search: the mask of exactly ``target_percent`` % whose removal changes the
+    next-token distribution most (KL on held-out samples), proposed round by round by a
+    fluctuation strategy."""
+
+    target_percent: float = help_field("Size of the mask, in percent of the scored entries.", 1.0)
+    num_samples: int = help_field("Samples scored.", 16)
+    eval_samples: int = help_field("Held-out samples of the KL.", 4)
+    metric: str = help_field("Per-sample importance metric (not magnitude).", "gradient")
+    scope: str = help_field("Ranking scope: global or tensor.", "global")
+    strategy: str = help_field(
+        "Fluctuation strategy (hf_sparse.masked_lr.FLUCTUATION_STRATEGIES).",
+        "adaptive_sinusoidal",
+    )
+    rounds: int = help_field("Search rounds at most.", 8)
+    patience: int = help_field("Stop after this many rounds without a better KL.", 3)
+    expansion: float = help_field("Proposals lie in [target, expansion * target] percent.", 4.0)
+    params: list[str] | None = help_field(
+        "Parameter patterns to score; None = decoder-block linear weights.", None
+    )
+    last_blocks_percent: float | None = help_field(
+        "Only parameters in the last N% of decoder blocks; None = all blocks.", None
+    )
+    seed: int = help_field("Seed of the strategies that draw random numbers.", 0)
+    metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
+
+    def __post_init__(self) -> None:
+        check_percent(self.target_percent, "target_percent")
+        check_positive_ints(self, ("num_samples", "eval_samples", "rounds", "patience"), "reverse")
+        if self.strategy not in FLUCTUATION_STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {self.strategy!r}; valid strategies: "
+                f"{sorted(FLUCTUATION_STRATEGIES)}"
+            )
+        if self.scope not in REVERSE_SCOPES:
+            raise ValueError(
+                f"reverse search scope must be one of {list(REVERSE_SCOPES)}, got {self.scope!r}"
+            )
+        if not self.expansion >= 1:
+            raise ValueError(f"expansion must be >= 1, got {self.expansion!r}")
+        if self.last_blocks_percent is not None:
+            check_percent(self.last_blocks_percent, "last_blocks_percent")
+        _check_metric(self.metric, self.metric_options, per_sample=True)
+
+
+DATA_FORMATS = ("auto", "instruction", "text")
+
+
+@dataclass
+class MaskDataConfig:
+    """The examples a mask recipe scores (``data:`` of mask and fine-tuning recipes)."""
+
+    dataset: str = help_field("Named set (alpaca, wikitext2, ...), or a local file.", "alpaca")
+    format: str = help_field(
+        "instruction (Alpaca fields, loss on the response), text (plain windows) or auto.",
+        "auto",
+    )
+    num_samples: int = help_field("Samples to score / intersect.", 16)
+    eval_samples: int = help_field("Held-out samples for KL (reverse search only).", 8)
+    max_length: int = help_field("Tokens per sample (longer ones are cut).", 256)
+    seed: int = help_field("Seed of the sample draw.", 0)
+    text_field: str = help_field("Column holding the text in jsonl/parquet data.", "text")
+
+    def __post_init__(self) -> None:
+        if self.format not in DATA_FORMATS:
+            raise ValueError(
+                f"data.format must be one of {list(DATA_FORMATS)}, got {self.format!r}"
+            )
+        check_positive_ints(self, ("num_samples", "eval_samples", "max_length"), "data")
+
+
+FINETUNE_ADAPTERS = ("masked_lr", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning with a mask (``finetune:`` of fine-tuning recipes)."""
+
+    adapter: str = help_field(
+        "masked_lr: sparse-delta PEFT adapter on the masked weights; full: the whole model "
+        "with MaskedAdamW (masked entries at inside_lr_scale * lr, the rest at outside).",
+        "masked_lr",
+    )
+    inside_lr_scale: float = help_field("Learning-rate multiplier inside the mask.", 1.0)
+    outside_lr_scale: float = help_field("Multiplier outside the mask (0 = frozen).", 0.0)
+    learning_rate: float = help_field("Base learning rate (AdamW).", 1e-4)
+    max_steps: int = help_field("Optimizer steps.", 30)
+    batch_size: int = help_field("Examples per step.", 4)
+    train_samples: int = help_field("Training examples drawn from the data.", 240)
+    eval_samples: int = help_field("Held-out examples for the eval loss.", 40)
+    max_length: int = help_field("Tokens per example (longer ones are cut).", 256)
+    seed: int = help_field("Seed of the example draw and of training.", 0)
+
+    def __post_init__(self) -> None:
+        if self.adapter not in FINETUNE_ADAPTERS:
+            raise ValueError(
+                f"finetune.adapter must be one of {list(FINETUNE_ADAPTERS)}, got {self.adapter!r}"
+            )
+        if self.inside_lr_scale <= 0 or self.outside_lr_scale < 0:
+            raise ValueError(
+                "finetune.inside_lr_scale must be > 0 and outside_lr_scale >= 0, got "
+                f"{self.inside_lr_scale} and {self.outside_lr_scale}"
+            )
+        counts = ("max_steps", "batch_size", "train_samples", "eval_samples", "max_length")
+        check_positive_ints(self, counts, "finetune")

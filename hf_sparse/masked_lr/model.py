@@ -23,7 +23,8 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..masked.bitmask import decode_mask, encode_mask, load_masks
+from ..masks.bitmask import decode_mask, encode_mask, load_masks
+from ..models import is_linear
 from .config import MaskedLRConfig
 from .layer import Linear, MaskedLRLayer
 
@@ -176,7 +177,7 @@ def prepare_masks(
         if config.masks_file is None:
             raise ValueError(
                 "masked_lr needs masks: pass masks= to get_masked_lr_model or set "
-                "MaskedLRConfig.masks_file to a file written by hf_sparse.masked.save_masks"
+                "MaskedLRConfig.masks_file to a file written by hf_sparse.masks.save_masks"
             )
         masks = load_masks(config.masks_file)
     by_module = _masks_by_module(masks)
@@ -277,3 +278,38 @@ def _check_shapes(masks: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Mo
                 f"mask for {name}.weight has shape {tuple(mask.shape)} but the weight has shape "
                 f"{weight_shape}{layout}; masks must have the weight's stored shape"
             )
+
+
+def sparse_delta_model(base: nn.Module, deltas: Mapping[str, torch.Tensor]) -> PeftModel:
+    """A ``MASKED_LR`` adapter on ``base`` whose delta equals ``deltas`` exactly: the non-zero
+    entries of each ``{module or weight name: delta}`` (stored layout) become the trained
+    values, their positions the mask. ``base`` (holding the base weights) is wrapped in place.
+
+    Used to ship a merged or pruned task vector as an adapter of its base model.
+    """
+    modules = dict(base.named_modules())
+    by_module = {name.removesuffix(".weight"): delta for name, delta in deltas.items()}
+    others = [name for name in by_module if not is_linear(modules.get(name))]
+    if others:
+        raise ValueError(
+            f"a sparse-delta adapter holds deltas of linear weights only, but {others[:4]}"
+            f"{' ...' if len(others) > 4 else ''} are not; save a full model instead "
+            "(merge recipes: `output: full`)"
+        )
+    for name, delta in by_module.items():
+        weight = modules[name].weight
+        if tuple(delta.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"delta of {name} has shape {tuple(delta.shape)}, the weight is "
+                f"{tuple(weight.shape)}"
+            )
+    masks = {f"{name}.weight": delta != 0 for name, delta in by_module.items()}
+    adapted = get_masked_lr_model(base, MaskedLRConfig(), masks)
+    with torch.no_grad():
+        for name, module in adapted.named_modules():
+            if isinstance(module, MaskedLRLayer):
+                key = name.removeprefix("base_model.model.")
+                mask = module.masked_lr_mask["default"]
+                values = module.masked_lr_inside["default"]
+                values.copy_(by_module[key].to(mask.device)[mask].to(values.dtype))
+    return adapted

@@ -18,7 +18,7 @@ class MergeConfig:
     Example (Python)::
 
         config = MergeConfig(method="sparsegpt_tv", density=0.2, sequential=True)
-        result = merge_(base_model, ["ft_a", "ft_b"], config, calibration=[windows_a, windows_b])
+        result = merge_(base_model, config, ["ft_a", "ft_b"], calibration=[windows_a, windows_b])
 
     The same settings in a recipe's ``parameters:`` block:
     ``{density: 0.2, sequential: true, hessians: per_task}`` with ``merge_method: sparsegpt_tv``.
@@ -118,3 +118,46 @@ class MergeSource:
             raise ValueError(f"weight of {self.model} must be finite, got {self.weight!r}")
         if self.density is not None:
             check_density(self.density)
+
+
+TASK_VECTOR_PRUNE_METHODS = ("sparsegpt_tv", "magnitude_prune")
+
+
+@dataclass
+class TaskVectorPruneConfig:
+    """Pruning one fine-tune's task vector against its base (``TaskVectorPruneCallback``).
+
+    ``method`` is a merge method of one task: ``sparsegpt_tv`` (SparseGPT's OBS solver on the
+    base model's layer-input Hessians) or ``magnitude_prune`` (TIES' magnitude trim).
+    """
+
+    method: str = help_field(
+        f"One of {list(TASK_VECTOR_PRUNE_METHODS)} (names of MERGE_METHODS).", "sparsegpt_tv"
+    )
+    density: float = help_field("Kept fraction of each target's task vector, in (0, 1].", 0.1)
+    calibration_samples: int = help_field(
+        "sparsegpt_tv: first training samples whose base-model Hessians are used.", 32
+    )
+    targets: list[str] | None = help_field(
+        "Decoder-block linears (roles, class names, suffixes, 're:'); None = all.", None
+    )
+    block_size: int = help_field("sparsegpt_tv: columns solved together.", 128)
+    dampening: float = help_field("sparsegpt_tv: fraction of mean(diag H) added.", 0.01)
+    rescale: bool = help_field(
+        "sparsegpt_tv: scale each kept row by the least-squares factor that best reproduces X tau.",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in TASK_VECTOR_PRUNE_METHODS:
+            raise ValueError(
+                f"task-vector pruning method must be one of {list(TASK_VECTOR_PRUNE_METHODS)}, "
+                f"got {self.method!r}"
+            )
+        check_density(self.density)
+        for name in ("calibration_samples", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < float(self.dampening) < 1:
+            raise ValueError(f"dampening must be in (0, 1), got {self.dampening!r}")

@@ -31,17 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from ..config_utils import from_dict, to_dict
+from ..config_utils import check_keys, from_dict, to_dict
 from ..data import calibration_windows, evaluation_windows
 from ..evaluation import perplexity
-from ..io import atomic_output_dir, check_output_dir, write_json_atomic
-from ..real_model import KNOWN_MODELS
-from ..recipes import CalibrationConfig, EvaluationConfig, read_recipe_file
+from ..io import atomic_output_dir, check_output_dir
+from ..loading import base_model_id, load_model_and_tokenizer
+from ..outputs import results_record, write_outputs
+from ..recipes import (
+    CalibrationConfig,
+    EvaluationConfig,
+    RecipeKind,
+    read_recipe_file,
+    register_recipe_kind,
+)
+from .apply import MergeResult, merge_
 from .config import MergeConfig, MergeSource
-from .merge import MergeResult, merge_
 from .sparse_delta import save_sparse_delta_adapter
 from .task_vectors import check_sources, inspect_source
 
@@ -61,8 +67,6 @@ MERGE_RECIPE_KEYS = (
 MODEL_ENTRY_KEYS = ("model", "parameters", "calibration")
 OUTPUT_KINDS = ("full", "adapter")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RESULTS_FILE = "hf_sparse_merge.json"
-RECIPE_FILE = "merge_recipe.yaml"
 
 
 @dataclass
@@ -101,17 +105,9 @@ class MergeRecipe:
         }
 
 
-def _unknown(values: dict, valid: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {list(valid)}")
-
-
 def merge_recipe_from_dict(data: dict[str, Any], where: str = "merge recipe") -> MergeRecipe:
     """Build and check a merge recipe (unknown keys, methods, densities, weights, outputs)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping with keys {list(MERGE_RECIPE_KEYS)}")
-    _unknown(data, MERGE_RECIPE_KEYS, where)
+    check_keys(data, MERGE_RECIPE_KEYS, where, "merge recipe")
     for key in ("merge_method", "base_model", "models"):
         if not data.get(key):
             raise ValueError(f"{where} needs `{key}:` (valid keys: {list(MERGE_RECIPE_KEYS)})")
@@ -127,9 +123,9 @@ def merge_recipe_from_dict(data: dict[str, Any], where: str = "merge recipe") ->
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
             raise ValueError(f"{where}: models[{index}] needs `model:` (a folder)")
-        _unknown(entry, MODEL_ENTRY_KEYS, f"{where} models[{index}]")
+        check_keys(entry, MODEL_ENTRY_KEYS, f"{where} models[{index}]")
         params = entry.get("parameters") or {}
-        _unknown(params, ("weight", "density"), f"{where} models[{index}].parameters")
+        check_keys(params, ("weight", "density"), f"{where} models[{index}].parameters")
         sources.append(MergeSource(model=str(entry["model"]), **params))
         cal = entry.get("calibration")
         task_calibration.append(
@@ -171,6 +167,7 @@ class MergeRun:
     result: MergeResult
     metrics: dict[str, Any]
     output_dir: Path | None
+    output: str = "full"  # full model or adapter
 
 
 def _calibration_streams(recipe: MergeRecipe, tokenizer) -> list[torch.Tensor] | None:
@@ -201,8 +198,6 @@ def run_merge_recipe(
     show_progress: bool = True,
 ) -> MergeRun:
     """Load the base, merge the recipe's models into it, evaluate and save (atomically)."""
-    from ..pipeline import load_model_and_tokenizer
-
     output_dir = output_dir if output_dir is not None else recipe.output_dir
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
@@ -222,8 +217,8 @@ def run_merge_recipe(
     batch_size = calibration.batch_size if calibration is not None else 8
     result = merge_(
         model,
-        recipe.sources,
         recipe.config,
+        recipe.sources,
         calibration=streams,
         batch_size=batch_size,
         base_name=recipe.base_model,
@@ -248,21 +243,21 @@ def run_merge_recipe(
             saved = save_merged_model(
                 model, tokenizer, result, output_dir, recipe.to_dict(), metrics, overwrite
             )
-    return MergeRun(result, metrics, saved)
-
-
-def _base_name(model: nn.Module) -> str | None:
-    name = getattr(model, "name_or_path", None)
-    return KNOWN_MODELS[name].hub_id if name in KNOWN_MODELS else name
+    return MergeRun(result, metrics, saved, recipe.output)
 
 
 def _results(result: MergeResult, metrics: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    return {
-        "base_model": _base_name(model),
-        "merging": getattr(result.model.config, "merging", None),
-        "metrics": metrics,
-        "layer_errors": result.layer_errors,
-    }
+    metrics = dict(metrics)
+    merging = getattr(result.model.config, "merging", None) or {}
+    return results_record(
+        "merging",
+        config={k: v for k, v in merging.items() if k != "models"},
+        metrics=metrics,
+        timings={"merge_seconds": metrics.pop("merge_seconds", result.seconds)},
+        base_model=base_model_id(model),
+        merging=merging,
+        layer_errors=result.layer_errors,
+    )
 
 
 def _merge_files(
@@ -273,10 +268,7 @@ def _merge_files(
 
     results = _results(result, metrics or {}, base)
     card = render_merge_card(results, recipe, results["base_model"], adapter=adapter)
-    files = {"README.md": card}
-    if recipe is not None:
-        files[RECIPE_FILE] = yaml.safe_dump(recipe, sort_keys=False)
-    return results, files
+    return results, {"README.md": card}
 
 
 def save_merged_model(
@@ -295,7 +287,7 @@ def save_merged_model(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(results, tmp / RESULTS_FILE)
+        write_outputs(tmp, results, recipe)
         for filename, text in files.items():
             (tmp / filename).write_text(text)
     logger.info("saved merged model to %s", output_dir)
@@ -316,7 +308,34 @@ def save_merged_adapter(
     merged model's weights. Deltas of anything but linear weights are refused."""
     results, files = _merge_files(result, metrics, base, recipe, adapter=True)
     saved = save_sparse_delta_adapter(
-        base, result.deltas, output_dir, overwrite, results, files, tokenizer, RESULTS_FILE
+        base, result.deltas, output_dir, results, recipe, files, tokenizer, overwrite
     )
     logger.info("saved merged sparse-delta adapter to %s", output_dir)
     return saved
+
+
+def summarize(run: MergeRun) -> str:
+    """What ``hf-sparse run``/``merge`` print for a merge recipe."""
+    metrics = run.metrics
+    merging = getattr(run.result.model.config, "merging", None) or {}
+    lines = [f"method:             {merging.get('method')} at density {merging.get('density')}"]
+    if "base" in metrics:
+        lines.append(f"base perplexity:    {metrics['base']['perplexity']:.3f}")
+    if "merged" in metrics:
+        lines.append(f"merged perplexity:  {metrics['merged']['perplexity']:.3f}")
+    lines.append(f"merged task vector: {100 * metrics['density']:.2f}% non-zero")
+    if "mean_relative_reconstruction_error" in metrics:
+        error = metrics["mean_relative_reconstruction_error"]
+        lines.append(f"mean ||X(tau - tau_pruned)||^2 / ||X tau||^2: {error:.4f}")
+    lines.append(f"merge time:         {metrics['merge_seconds']:.1f} s")
+    if run.output_dir is not None:
+        lines.append(f"saved to:           {run.output_dir} ({run.output})")
+    return "\n".join(lines)
+
+
+MERGE_RECIPES = register_recipe_kind(
+    RecipeKind(
+        "merging", ("merge_method",), merge_recipe_from_dict, run_merge_recipe, summarize,
+        model_key="base_model",
+    )
+)  # fmt: skip

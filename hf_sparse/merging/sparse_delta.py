@@ -21,8 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import StatsCollector, all_reduce_stats
-from ..io import atomic_output_dir, write_json_atomic
-from ..models import is_linear, weight_matrix
+from ..io import atomic_output_dir
+from ..masked_lr import sparse_delta_model
+from ..models import weight_matrix
+from ..outputs import write_outputs
+from .config import TASK_VECTOR_PRUNE_METHODS
 from .core import (
     ObsOptions,
     check_density,
@@ -32,17 +35,6 @@ from .core import (
 )
 
 logger = logging.getLogger(__name__)
-
-PRUNE_METHODS = ("sparsegpt_tv", "magnitude")
-SUMMARY_FILE = "task_vector_pruning.json"
-
-
-def check_prune_method(method: str) -> str:
-    if method not in PRUNE_METHODS:
-        raise ValueError(
-            f"task-vector pruning method must be one of {list(PRUNE_METHODS)}, got {method!r}"
-        )
-    return method
 
 
 @torch.no_grad()
@@ -85,7 +77,11 @@ def prune_deltas(
     (GPT-2 Conv1D) are named in ``transposed``. Returns the pruned deltas and, with Hessians,
     each one's relative output error ``||X (tau - tau_pruned)||^2 / ||X tau||^2``.
     """
-    check_prune_method(method)
+    if method not in TASK_VECTOR_PRUNE_METHODS:
+        raise ValueError(
+            f"task-vector pruning method must be one of {list(TASK_VECTOR_PRUNE_METHODS)}, "
+            f"got {method!r}"
+        )
     check_density(density)
     options = options or ObsOptions()
     if method == "sparsegpt_tv" and hessians is None:
@@ -113,51 +109,25 @@ def save_sparse_delta_adapter(
     base: nn.Module,
     deltas: Mapping[str, torch.Tensor],
     output_dir: str | os.PathLike,
-    overwrite: bool = False,
-    summary: dict | None = None,
+    record: dict,
+    recipe: dict | None = None,
     extra_files: Mapping[str, str] | None = None,
     tokenizer=None,
-    summary_file: str = SUMMARY_FILE,
+    overwrite: bool = False,
 ) -> Path:
     """Save ``{module name or weight name: delta}`` (stored layout) as a ``MASKED_LR`` adapter
-    on ``base`` (whose weights are the base weights): the non-zero entries become the values,
-    their positions the packed mask. ``base`` is wrapped in place (pass a copy to keep it)."""
-    from ..masked_lr import MaskedLRConfig, MaskedLRLayer, get_masked_lr_model
-
-    modules = dict(base.named_modules())
-    by_module = {name.removesuffix(".weight"): delta for name, delta in deltas.items()}
-    others = [name for name in by_module if not is_linear(modules.get(name))]
-    if others:
-        raise ValueError(
-            f"a sparse-delta adapter holds deltas of linear weights only, but {others[:4]}"
-            f"{' ...' if len(others) > 4 else ''} are not; save a full model instead "
-            "(merge recipes: `output: full`)"
-        )
-    for name, delta in by_module.items():
-        module = modules[name]
-        if tuple(delta.shape) != tuple(module.weight.shape):
-            raise ValueError(
-                f"delta of {name} has shape {tuple(delta.shape)}, the weight is "
-                f"{tuple(module.weight.shape)}"
-            )
-    masks = {f"{name}.weight": delta != 0 for name, delta in by_module.items()}
-    adapted = get_masked_lr_model(base, MaskedLRConfig(), masks)
-    with torch.no_grad():
-        for name, module in adapted.named_modules():
-            if isinstance(module, MaskedLRLayer):
-                key = name.removeprefix("base_model.model.")
-                mask = module.masked_lr_mask["default"]
-                values = module.masked_lr_inside["default"]
-                values.copy_(by_module[key].to(mask.device)[mask].to(values.dtype))
+    on ``base`` (whose weights are the base weights), with the results ``record`` (see
+    ``hf_sparse.outputs``), the recipe and ``extra_files`` (e.g. the card). ``base`` is wrapped
+    in place (pass a copy to keep it)."""
+    adapted = sparse_delta_model(base, deltas)
     with atomic_output_dir(output_dir, overwrite) as tmp:
         adapted.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if summary is not None:
-            write_json_atomic(summary, tmp / summary_file)
+        write_outputs(tmp, record, recipe)
         for filename, text in (extra_files or {}).items():
             (tmp / filename).write_text(text)
-    logger.info("saved sparse-delta adapter (%d tensors) to %s", len(by_module), output_dir)
+    logger.info("saved sparse-delta adapter (%d tensors) to %s", len(deltas), output_dir)
     return Path(output_dir)
 
 

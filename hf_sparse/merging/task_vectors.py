@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..masked.bitmask import decode_mask
+from ..masks.bitmask import decode_mask
 from ..real_model import KNOWN_MODELS, cache_root
 
 ADAPTER_CONFIG = "adapter_config.json"

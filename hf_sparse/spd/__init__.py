@@ -21,6 +21,7 @@ from .model import (
     spd_runtime,
 )
 from .objective import spd_loss
+from .pipeline import SPDRecipe, experiment_from_dict, run_spd_recipe, spd_recipe_from_dict
 from .toy_run import run_toy_experiment
 from .trainer import SPDTrainer
 
@@ -34,13 +35,17 @@ __all__ = [
     "SPDLayer",
     "SPDLossConfig",
     "SPDModel",
+    "SPDRecipe",
     "SPDTrainer",
     "clear_spd_ablation",
+    "experiment_from_dict",
     "get_experiment",
     "get_spd_model",
+    "run_spd_recipe",
     "run_toy_experiment",
     "set_spd_ablation",
     "spd_layers",
     "spd_loss",
+    "spd_recipe_from_dict",
     "spd_runtime",
 ]

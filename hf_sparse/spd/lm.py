@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config_utils import check_positive_ints, help_field
-from ..io import atomic_output_dir, check_output_dir, write_json_atomic
+from ..io import atomic_output_dir, check_output_dir
 from .config import SPDConfig, SPDLossConfig
 from .core import kl_loss
 from .experiments import SPDTrainConfig
@@ -172,10 +172,13 @@ def run_lm_decomposition(
     experiment: LMExperiment,
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Decompose the experiment's linears; returns (and saves) metrics and the round trip."""
+    """Decompose the experiment's linears; returns (and saves, with ``recipe``) metrics and the
+    round trip."""
     from ..data import calibration_windows, evaluation_windows
-    from ..pipeline import load_model_and_tokenizer
+    from ..loading import base_model_id, load_model_and_tokenizer
+    from ..outputs import results_record, write_outputs
     from .toy_run import training_arguments
 
     config = SPDConfig(**experiment.spd)
@@ -224,7 +227,15 @@ def run_lm_decomposition(
         return results
     with atomic_output_dir(output_dir, overwrite) as tmp:
         results["round_trip"] = round_trip(model, fresh_base, tmp / "adapter", held_out, threshold)
-        write_json_atomic(dataclasses.asdict(experiment), tmp / "experiment.json")
-        write_json_atomic(results, tmp / "results.json")
+        extras = {k: v for k, v in results.items() if k not in ("metrics", "timings", "model")}
+        record = results_record(
+            "spd",
+            config=dataclasses.asdict(experiment),
+            metrics=results["metrics"],
+            timings=results["timings"],
+            base_model=base_model_id(experiment.model),
+            **extras,
+        )
+        write_outputs(tmp, record, recipe)
     results["output_dir"] = str(Path(output_dir))
     return results

@@ -8,7 +8,7 @@ Lifecycle of ``run_toy_experiment(experiment, output_dir)``:
   4. ``toy_metrics``: MMCS / ML2R, alive components, CI L0, identity-CI on one-hot inputs,
      reconstruction errors;
   5. write to a temporary folder and rename: ``adapter/`` (PEFT, safetensors),
-     ``target_model.safetensors``, ``experiment.json``, ``results.json``, CI plots.
+     ``target_model.safetensors``, ``hf_sparse_results.json``, ``recipe.yaml``, CI plots.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainingArguments
 
-from ..io import atomic_output_dir, check_output_dir, write_json_atomic
+from ..io import atomic_output_dir, check_output_dir
+from ..outputs import results_record, write_outputs
 from .config import SPDConfig
 from .experiments import ToyExperiment
 from .layer import SPDRuntime
@@ -217,9 +218,10 @@ def run_toy_experiment(
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     plots: bool = True,
+    recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Decompose ``experiment``'s toy model; save to ``output_dir`` when given. Returns the
-    results (summary, metrics, timings, log history)."""
+    """Decompose ``experiment``'s toy model; save to ``output_dir`` when given (with ``recipe``,
+    the mapping that made it). Returns the results (summary, metrics, timings, log history)."""
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     model, trainer, timings = decompose_toy(experiment)
@@ -236,7 +238,7 @@ def run_toy_experiment(
     }
     if output_dir is not None:
         with atomic_output_dir(output_dir, overwrite) as tmp:
-            save_toy_outputs(model, experiment, results, tmp, plots)
+            save_toy_outputs(model, experiment, results, tmp, plots, recipe)
         results["output_dir"] = str(Path(output_dir))
     return results
 
@@ -248,7 +250,12 @@ def experiment_dict(experiment: ToyExperiment) -> dict[str, Any]:
 
 
 def save_toy_outputs(
-    model: nn.Module, experiment: ToyExperiment, results: dict[str, Any], folder: Path, plots: bool
+    model: nn.Module,
+    experiment: ToyExperiment,
+    results: dict[str, Any],
+    folder: Path,
+    plots: bool,
+    recipe: dict[str, Any] | None = None,
 ) -> None:
     model.save_pretrained(folder / "adapter")
     base = model.get_base_model()
@@ -258,8 +265,15 @@ def save_toy_outputs(
             continue
         target_state[key.replace(".base_layer.", ".")] = value.detach().contiguous().clone()
     save_file(target_state, folder / "target_model.safetensors")
-    write_json_atomic(experiment_dict(experiment), folder / "experiment.json")
-    write_json_atomic(results, folder / "results.json")
+    extras = {k: v for k, v in results.items() if k not in ("metrics", "timings")}
+    record = results_record(
+        "spd",
+        config=experiment_dict(experiment),
+        metrics=results["metrics"],
+        timings=results["timings"],
+        **extras,
+    )
+    write_outputs(folder, record, recipe)
     if plots:
         try:
             from .plots import plot_ci_one_hot

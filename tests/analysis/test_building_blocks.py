@@ -18,7 +18,7 @@ from hf_sparse.analysis import (
     spearman_matrix,
     top_k_entries,
 )
-from hf_sparse.masked import ParameterMasks
+from hf_sparse.masks import ParameterMasks
 from tests.conftest import build_tiny_model, make_token_windows
 
 NAME = "model.layers.1.mlp.down_proj.weight"

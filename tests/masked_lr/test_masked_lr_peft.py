@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import hf_sparse.masked_lr
-from hf_sparse.masked import save_masks
 from hf_sparse.masked_lr import MaskedLRConfig, MaskedLRLayer, get_masked_lr_model
 from hf_sparse.masked_lr.config import add_peft_type
+from hf_sparse.masks import save_masks
 from hf_sparse.models import target_linears
 from tests.conftest import build_tiny_model, make_token_windows
 

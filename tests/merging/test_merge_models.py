@@ -25,7 +25,7 @@ def test_data_free_merge_equals_the_tensor_rule_on_every_changed_tensor(saved_fa
     weights = [0.5, 1.0, 0.8]
     sources = [MergeSource(str(f), w) for f, w in zip(folders, weights, strict=True)]
     original = {n: p.detach().clone() for n, p in base.named_parameters()}
-    result = merge_(base, sources, MergeConfig(method, density=0.3, seed=3), show_progress=False)
+    result = merge_(base, MergeConfig(method, density=0.3, seed=3), sources, show_progress=False)
     generator = torch.Generator().manual_seed(3)
     for name in sorted(vectors[0]):
         expected = merge_task_vectors(
@@ -88,7 +88,7 @@ def test_sparsegpt_tv_equals_a_manual_block_by_block_reference(saved_family, seq
         hessians="per_task" if per_task else "shared",
     )
     original = {n: p.detach().clone() for n, p in base.named_parameters()}
-    result = merge_(base, folders, config, calibration=windows, show_progress=False)
+    result = merge_(base, config, folders, calibration=windows, show_progress=False)
     assert sorted(result.deltas) == sorted(expected)
     merged = dict(base.named_parameters())
     for name, param in merged.items():  # the model holds base + merged task vector
@@ -110,7 +110,7 @@ def test_sequential_and_per_task_hessians_change_the_result(saved_family):
         model = build_tiny_model("llama")
         model.load_state_dict(base.state_dict())
         config = MergeConfig("sparsegpt_tv", density=0.3, **settings)
-        return merge_(model, folders, config, calibration=windows, show_progress=False).deltas
+        return merge_(model, config, folders, calibration=windows, show_progress=False).deltas
 
     seq, nonseq = run(sequential=True), run(sequential=False)
     first_block = [n for n in seq if ".layers.0." in n]
@@ -127,8 +127,8 @@ def test_gpt2_conv1d_sparsegpt_tv_merges_in_the_stored_layout(saved_family):
     shapes = {n: p.shape for n, p in base.named_parameters()}
     result = merge_(
         base,
-        folders,
         MergeConfig("sparsegpt_ties", density=0.5),
+        folders,
         calibration=windows,
         show_progress=False,
     )
@@ -141,8 +141,8 @@ def test_in_memory_task_vectors_and_adapter_sources_merge(saved_family):
     base, _, folders = saved_family("llama", 2)
     vectors = _task_vectors(base, folders)
     model = build_tiny_model("llama")
-    a = merge_(model, vectors, MergeConfig("ties", density=0.5), show_progress=False)
-    b = merge_(build_tiny_model("llama"), folders, MergeConfig("ties", density=0.5))
+    a = merge_(model, MergeConfig("ties", density=0.5), vectors, show_progress=False)
+    b = merge_(build_tiny_model("llama"), MergeConfig("ties", density=0.5), folders)
     assert all(torch.equal(a.deltas[n], b.deltas[n]) for n in b.deltas)
 
 
@@ -156,18 +156,18 @@ def test_bad_input_fails_before_the_base_changes(saved_family, tmp_path):
     with pytest.raises(ValueError, match="unknown merge method 'tie'"):
         MergeConfig("tie")
     with pytest.raises(ValueError, match="3 weights for 2 models"):
-        merge_(base, folders, MergeConfig("ties"), weights=[1.0, 1.0, 1.0])
+        merge_(base, MergeConfig("ties"), folders, weights=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="needs calibration data"):
-        merge_(base, folders, MergeConfig("sparsegpt_tv", density=0.5))
+        merge_(base, MergeConfig("sparsegpt_tv", density=0.5), folders)
     with pytest.raises(ValueError, match="3 calibration sets for 2 models"):
         merge_(
             base,
-            folders,
             MergeConfig("sparsegpt_tv", density=0.5),
+            folders,
             calibration=[make_token_windows()] * 3,
         )
     build_tiny_model("llama", vocab_size=96).save_pretrained(tmp_path / "other-vocab")
     with pytest.raises(ValueError, match="vocab_size"):
-        merge_(base, [folders[0], tmp_path / "other-vocab"], MergeConfig("ties"))
+        merge_(base, MergeConfig("ties"), [folders[0], tmp_path / "other-vocab"])
     after = dict(base.named_parameters())
     assert all(torch.equal(after[n], before[n]) for n in before)

@@ -59,11 +59,12 @@ def test_full_output_reloads_with_from_pretrained(family):
     config = json.loads((tmp / "merged" / "config.json").read_text())
     assert config["merging"]["method"] == "sparsegpt_tv"
     assert config["merging"]["models"][1]["weight"] == 0.5
-    results = json.loads((tmp / "merged" / "hf_sparse_merge.json").read_text())
+    results = json.loads((tmp / "merged" / "hf_sparse_results.json").read_text())
+    assert results["kind"] == "merging" and results["config"]["method"] == "sparsegpt_tv"
     assert results["metrics"]["mean_relative_reconstruction_error"] < 1
     card = (tmp / "merged" / "README.md").read_text()
     assert "sparsegpt_tv" in card and str(folders[1]) in card
-    saved = yaml.safe_load((tmp / "merged" / "merge_recipe.yaml").read_text())
+    saved = yaml.safe_load((tmp / "merged" / "recipe.yaml").read_text())
     assert merge_recipe_from_dict(saved).to_dict() == recipe.to_dict()  # round trip
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_sparse.real_model import cache_root
-from hf_sparse.spd.recipe import load_decompose_target
+from hf_sparse.spd.pipeline import load_experiment
 
 pytestmark = pytest.mark.real_model
 
@@ -18,7 +18,7 @@ def test_smollm2_save_reload_ablate_round_trip(tmp_path):
         pytest.skip("SmolLM2-135M is not cached (hf-sparse fetch-model smollm2-135m)")
     from hf_sparse.spd.lm import run_lm_decomposition
 
-    experiment, _ = load_decompose_target("recipes/spd-smollm2.yaml")
+    experiment = load_experiment("recipes/spd-smollm2.yaml").experiment
     experiment.spd["C"] = 8
     experiment.train.steps, experiment.train.batch_size, experiment.train.logging_steps = 2, 2, 1
     experiment.loss.faithfulness_warmup_steps = 20
@@ -37,4 +37,4 @@ def test_smollm2_save_reload_ablate_round_trip(tmp_path):
     kl = results["metrics"]["kl"]
     assert kl["no_components"] > kl["all_components_plus_delta"]
     assert results["metrics"]["mean_active_per_token"] >= 0
-    assert torch.get_num_threads() == 1
+    assert results["torch_threads"] == torch.get_num_threads()  # recorded as it ran

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_sparse.masked import ParameterMasks, load_mask_metadata
+from hf_sparse.masks import ParameterMasks, load_mask_metadata
 
 
 def random_masks(seed: int, density: float = 0.3) -> ParameterMasks:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_sparse.cli import main
 from hf_sparse.data import evaluation_windows
 from hf_sparse.evaluation import perplexity, sparsity_report
-from hf_sparse.masked.bitmask import load_masks
+from hf_sparse.masks.bitmask import load_masks
 from hf_sparse.real_model import fetch_model
 
 pytestmark = pytest.mark.real_model

@@ -1,6 +1,6 @@
 """Merge task vectors into a base model in place (the HF-facing side of ``core``).
 
-Lifecycle of ``merge_(model, sources, config, calibration)``:
+Lifecycle of ``merge_(model, config, sources, calibration)``:
   1. check the config, every source (architecture, vocabulary, names, shapes, an adapter's
      recorded base) and the calibration data, before any tensor is read;
   2. load the task vectors (only the tensors that changed);
@@ -142,8 +142,8 @@ def _streams(
 
 def merge_(
     model: nn.Module,
+    config: MergeConfig,
     sources: Sequence[MergeSource | str | os.PathLike | Mapping[str, torch.Tensor]],
-    config: MergeConfig | None = None,
     calibration: torch.Tensor | Sequence[torch.Tensor] | None = None,
     weights: Sequence[float] | None = None,
     batch_size: int = 8,
@@ -161,11 +161,12 @@ def merge_(
     Example::
 
         base, tok = load_model_and_tokenizer("smollm2-135m")
-        result = merge_(base, ["ft_alpaca", "ft_stories"], MergeConfig("sparsegpt_tv", 0.2),
+        result = merge_(base, MergeConfig("sparsegpt_tv", 0.2), ["ft_alpaca", "ft_stories"],
                         calibration=[alpaca_windows, stories_windows])
         base.save_pretrained("merged")
     """
-    config = config or MergeConfig()
+    if not isinstance(config, MergeConfig):
+        raise TypeError(f"config must be a MergeConfig, got {type(config).__name__}")
     rule = check_merge_method(config.method)
     tasks = _as_tasks(sources, weights, config)
     streams = _streams(calibration, tasks, config.method) if config.needs_calibration else []

@@ -18,7 +18,7 @@ from hf_sparse.callbacks import PruningCallback
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_sparse.masked import load_masks
+from hf_sparse.masks import load_masks
 from hf_sparse.models import weight_matrix
 from hf_sparse.pruning import SparseGPTConfig, WandaConfig, prune_
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,19 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config_utils import to_dict
 from ..evaluation import masked_weights_zeroed
-from ..io import atomic_output_dir, write_json_atomic
-from ..masked import ParameterMasks, check_percent, count_for
-from ..masked.ranking import flatten, top_count, unflatten
-from .distributed import all_reduce_, sum_across_ranks
-from .fluctuation import FLUCTUATION_STRATEGIES, initial_state
-from .golden import check_per_sample_metric, prepare_selection
-from .metrics import IMPORTANCE_METRICS, per_rank_scores
-from .samples import PromptFn, apply_prompt_fn
+from ..importance.distributed import all_reduce_, sum_across_ranks
+from ..importance.metrics import IMPORTANCE_METRICS, per_rank_scores
+from ..importance.samples import PromptFn, apply_prompt_fn
+from ..masks import ParameterMasks, count_for
+from ..masks.ranking import flatten, top_count, unflatten
+from .config import ReverseGoldenConfig
+from .core import FLUCTUATION_STRATEGIES, initial_state
+from .golden import prepare_selection
 
 logger = logging.getLogger(__name__)
-
-REVERSE_SCOPES = ("global", "tensor")
 
 
 @dataclass
@@ -51,21 +48,6 @@ class ReverseGoldenResult:
     kl: float  # KL(original || best mask removed), mean per token on the held-out samples
     history: list[dict] = field(default_factory=list)  # per round: percent, kept, kl, best
     settings: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-        """``masks.safetensors`` + ``summary.json``, written to a temp folder then renamed."""
-        with atomic_output_dir(output_dir, overwrite) as tmp:
-            self.masks.save(tmp / "masks.safetensors", metadata={"kl": repr(self.kl)})
-            summary = {
-                "kl": self.kl,
-                "kept": self.masks.count(),
-                "density": self.masks.density(),
-                "settings": self.settings,
-                "history": self.history,
-                "per_tensor": self.per_tensor,
-            }
-            write_json_atomic(summary, tmp / "summary.json")
-        return Path(output_dir)
 
 
 def _positions_from_top(scores: torch.Tensor) -> torch.Tensor:
@@ -162,52 +144,22 @@ class KLProbe:
 
 def reverse_golden_masks(
     model: nn.Module,
+    config: ReverseGoldenConfig,
     dataset: Sequence[Any],
     prompt_fn: PromptFn | None = None,
-    target_percent: float = 1.0,
-    *,
     eval_dataset: Sequence[Any] | None = None,
-    num_samples: int = 16,
-    eval_samples: int = 4,
-    metric: str = "gradient",
-    scope: str = "global",
-    strategy: str = "adaptive_sinusoidal",
-    rounds: int = 8,
-    patience: int = 3,
-    expansion: float = 4.0,
-    params: list[str] | str | None = None,
-    last_blocks_percent: float | None = None,
-    seed: int = 0,
     show_progress: bool = True,
-    **metric_options: Any,
 ) -> ReverseGoldenResult:
-    """Search the ``target_percent`` % mask whose removal maximises KL(original || masked).
+    """Search the ``config.target_percent`` % mask whose removal maximises KL(original || masked).
 
     ``dataset`` gives the ``num_samples`` scored samples; ``eval_dataset`` (default: the next
-    ``eval_samples`` examples of ``dataset``) the held-out samples of the KL. ``strategy``: one
-    of ``FLUCTUATION_STRATEGIES``, proposing the per-sample percentage each round within
-    ``[target, expansion * target]``. The result has exactly ``round(target_percent% of n)``
-    entries. Under ``torch.distributed`` give each rank its shard of both sets: positions,
-    scores and KLs are combined across ranks, so every rank ends with the same mask.
+    ``eval_samples`` examples of ``dataset``) the held-out samples of the KL. The strategy
+    proposes the per-sample percentage each round within ``[target, expansion * target]``. The
+    result has exactly ``round(target_percent% of n)`` entries. Under ``torch.distributed`` give
+    each rank its shard of both sets: positions, scores and KLs are combined across ranks, so
+    every rank ends with the same mask.
     """
-    check_percent(target_percent, "target_percent")
-    check_per_sample_metric(metric, metric_options)
-    if strategy not in FLUCTUATION_STRATEGIES:
-        raise ValueError(
-            f"unknown strategy {strategy!r}; valid strategies: {sorted(FLUCTUATION_STRATEGIES)}"
-        )
-    if scope not in REVERSE_SCOPES:
-        raise ValueError(
-            f"reverse search scope must be one of {list(REVERSE_SCOPES)}, got {scope!r}"
-        )
-    for name, value in (
-        ("num_samples", num_samples),
-        ("rounds", rounds),
-        ("patience", patience),
-        ("eval_samples", eval_samples),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    num_samples, eval_samples = config.num_samples, config.eval_samples
     if eval_dataset is None:
         if dataset is None or len(dataset) <= num_samples:
             raise ValueError(
@@ -217,17 +169,19 @@ def reverse_golden_masks(
         eval_dataset = list(itertools.islice(dataset, num_samples, num_samples + eval_samples))
     samples = apply_prompt_fn(dataset, prompt_fn, limit=num_samples)
     held_out = apply_prompt_fn(eval_dataset, prompt_fn, limit=eval_samples)
-    selected = prepare_selection(model, params, last_blocks_percent)
-    fn = IMPORTANCE_METRICS[metric]
+    selected = prepare_selection(model, config.params, config.last_blocks_percent)
+    fn = IMPORTANCE_METRICS[config.metric]
+    metric_options, scope = config.metric_options, config.scope
+    target_percent, patience = config.target_percent, config.patience
 
     ranks = summarise_ranks(fn, model, samples, selected, scope, metric_options, show_progress)
     total_entries = sum(t.numel() for t in ranks.total.values())
     count = count_for(target_percent, total_entries)
     probe = KLProbe(model, held_out)
-    step = FLUCTUATION_STRATEGIES[strategy]
-    state = initial_state(target_percent, expansion, seed)
+    step = FLUCTUATION_STRATEGIES[config.strategy]
+    state = initial_state(target_percent, config.expansion, config.seed)
     history, best, best_kl, last_kl, stale = [], None, None, None, 0
-    for round_index in tqdm(range(rounds), desc="reverse search", disable=not show_progress):
+    for round_index in tqdm(range(config.rounds), desc="reverse search", disable=not show_progress):
         percent, state = step(state, round_index, last_kl, best_kl)
         golden = ranks.golden(percent)
         candidate = ranks.exact_count(golden, count)
@@ -262,17 +216,8 @@ def reverse_golden_masks(
         kl=best_kl,
         history=history,
         settings={
-            "target_percent": target_percent,
-            "metric": metric,
-            "scope": scope,
-            "strategy": strategy,
-            "rounds": rounds,
-            "patience": patience,
-            "expansion": expansion,
+            **to_dict(config),
             "num_samples": int(sum_across_ranks(len(samples), device)),
             "eval_samples": int(sum_across_ranks(len(held_out), device)),
-            "last_blocks_percent": last_blocks_percent,
-            "seed": seed,
-            **metric_options,
         },
     )

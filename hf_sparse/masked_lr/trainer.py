@@ -12,7 +12,7 @@ Lifecycle (``GoldenParamsTrainer``):
 Example::
 
     trainer = GoldenParamsTrainer(model=model, args=args, train_dataset=ds)
-    golden = trainer.get_golden_params(top_k_percent=5, num_samples=16)
+    golden = trainer.get_golden_params(GoldenConfig(top_k_percent=5, num_samples=16))
     trainer.set_masked_lr(golden.masks, inside_lr_scale=1.0, outside_lr_scale=0.0)
     trainer.train()
 """
@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .evaluation import compare_generations_with_mask
-from .importance import golden_masks, reverse_golden_masks
-from .masked import ParameterMasks
-from .masked_lr import MaskedAdamW
+from ..evaluation import compare_generations_with_mask
+from ..masks import ParameterMasks
+from .config import GoldenConfig, ReverseGoldenConfig
+from .golden import golden_masks
+from .optim import MaskedAdamW
+from .reverse import reverse_golden_masks
 
 logger = logging.getLogger(__name__)
 
@@ -161,25 +163,49 @@ class GoldenParamsMixin:
         return optimizer
 
     def get_golden_params(
-        self, top_k_percent: float = 5.0, dataset=None, prompt_fn=None, **options
+        self,
+        config: GoldenConfig | None = None,
+        dataset=None,
+        prompt_fn=None,
+        show_progress: bool = True,
     ):
         """Golden masks (intersection of per-sample top-k) of the trainer's model on
-        ``dataset`` (default: the train dataset). See ``hf_sparse.importance.golden_masks``.
+        ``dataset`` (default: the train dataset). See ``hf_sparse.masked_lr.golden_masks``.
         """
         dataset = self._dataset_or_train(dataset)
-        return golden_masks(self.model, dataset, prompt_fn, top_k_percent, **options)
+        config = config or GoldenConfig()
+        return golden_masks(self.model, config, dataset, prompt_fn, show_progress)
 
     def get_reverse_golden_params(
-        self, target_percent: float = 1.0, dataset=None, prompt_fn=None, **options
+        self,
+        config: ReverseGoldenConfig | None = None,
+        dataset=None,
+        prompt_fn=None,
+        eval_dataset=None,
+        show_progress: bool = True,
     ):
         """Reverse golden search (masks whose removal most changes the output distribution)
         on ``dataset`` (default: the train dataset; held-out samples default to the eval
-        dataset when the trainer has one). See ``hf_sparse.importance.reverse_golden_masks``.
+        dataset when the trainer has one). See ``hf_sparse.masked_lr.reverse_golden_masks``.
         """
-        if prompt_fn is None and "eval_dataset" not in options and self.eval_dataset is not None:
-            options["eval_dataset"] = self.eval_dataset
+        if eval_dataset is None and prompt_fn is None and self.eval_dataset is not None:
+            eval_dataset = self.eval_dataset
         dataset = self._dataset_or_train(dataset)
-        return reverse_golden_masks(self.model, dataset, prompt_fn, target_percent, **options)
+        config = config or ReverseGoldenConfig()
+        return reverse_golden_masks(
+            self.model, config, dataset, prompt_fn, eval_dataset, show_progress
+        )
+
+    def current_masks(self) -> ParameterMasks | None:
+        """The masks this trainer trains with: given to it (``masks=``/``set_masked_lr``) or
+        found by one of its callbacks (e.g. ``GoldenMaskCallback`` at ``on_train_begin``)."""
+        if self.masked_lr_masks is not None:
+            return self.masked_lr_masks
+        for callback in self.callback_handler.callbacks:
+            found = getattr(callback, "masks", None)
+            if isinstance(found, ParameterMasks):
+                return found
+        return None
 
     def _dataset_or_train(self, dataset):
         dataset = dataset if dataset is not None else self.train_dataset
@@ -194,9 +220,11 @@ class GoldenParamsMixin:
         max_new_tokens: int = 32,
     ) -> list[dict[str, str]]:
         """Greedy generations with and without the masked weights zeroed, side by side."""
-        masks = masks if masks is not None else self.masked_lr_masks
+        masks = masks if masks is not None else self.current_masks()
         if masks is None:
-            raise ValueError("no masks: pass masks= or call set_masked_lr first")
+            raise ValueError(
+                "no masks: pass masks=, call set_masked_lr, or train with a GoldenMaskCallback"
+            )
         tokenizer = self.processing_class
         if tokenizer is None:
             raise ValueError("the trainer has no tokenizer (processing_class) to generate with")

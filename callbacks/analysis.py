@@ -12,7 +12,7 @@ Lifecycle:
 
 Example::
 
-    callback = SensitivityCallback(metric="fisher", top_k=1.0, every=50)
+    callback = SensitivityCallback(SensitivityConfig(metric="fisher", top_k=1.0, every=50))
     Trainer(model, args, train_dataset=ds, callbacks=[callback]).train()
     callback.drift["jaccard_to_first"]   # overlap of each snapshot's top-1% with step 0's
 """
@@ -26,7 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_sparse.analysis import jaccard_matrix, resolve_count, spearman_matrix, top_k_entries
-from hf_sparse.importance import IMPORTANCE_METRICS, compute_importance
+from hf_sparse.analysis.config import SensitivityConfig
+from hf_sparse.importance import compute_importance
 from hf_sparse.importance.samples import first_samples
 from hf_sparse.io import write_json_atomic
 
@@ -36,58 +37,46 @@ DRIFT_FILE = "sensitivity_drift.json"
 
 
 class SensitivityCallback(TrainerCallback):
-    def __init__(
-        self,
-        metric: str = "magnitude",
-        top_k: int | float = 1.0,
-        steps: list[int] | None = None,
-        every: int | None = None,
-        num_samples: int = 8,
-        params: list[str] | str | None = None,
-        spearman_entries: int = 1_000_000,
-    ) -> None:
-        """``top_k``: a count (int) or a percentage (float) of the selected entries; ``steps``:
-        global steps to snapshot (0 = before training), or ``every`` N steps."""
-        if metric not in IMPORTANCE_METRICS:
-            raise ValueError(f"unknown metric {metric!r}; valid: {sorted(IMPORTANCE_METRICS)}")
-        if steps is None and every is None:
-            raise ValueError("choose when to snapshot: steps=[...] or every=N")
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        if steps is not None and any(not isinstance(s, int) or s < 0 for s in steps):
-            raise ValueError(f"steps must be non-negative integers, got {steps!r}")
-        self.metric, self.top_k, self.params = metric, top_k, params
-        self.steps, self.every, self.num_samples = set(steps or []), every, num_samples
-        self.spearman_entries = spearman_entries
+    """Top-k snapshots of the critical set during training and their drift (lifecycle above)."""
+
+    def __init__(self, config: SensitivityConfig) -> None:
+        if not isinstance(config, SensitivityConfig):
+            raise TypeError(f"config must be a SensitivityConfig, got {type(config).__name__}")
+        self.config = config
         self.samples: list[dict] = []
         self.snapshots: dict[int, tuple] = {}  # step -> (top-k masks, subsampled scores)
         self.drift: dict | None = None
 
     def _due(self, step: int) -> bool:
-        return step in self.steps or (self.every is not None and step % self.every == 0)
+        every = self.config.every
+        return step in set(self.config.steps or ()) or (every is not None and step % every == 0)
 
     def _snapshot(self, model, step: int) -> None:
         was_training = model.training
         try:
             scores = compute_importance(
-                model, self.samples, self.metric, self.params, show_progress=False
+                model, self.samples, self.config.metric, self.config.params, show_progress=False
             )
         finally:
             model.train(was_training)
         total = sum(s.numel() for s in scores.values())
-        count = resolve_count(self.top_k, total, "top_k")
+        count = resolve_count(self.config.top_k, total, "top_k")
         masks = top_k_entries(scores, count)
         flat = torch.cat([s.reshape(-1) for s in scores.values()])
-        if flat.numel() > self.spearman_entries:
+        if flat.numel() > self.config.spearman_entries:
             generator = torch.Generator().manual_seed(0)  # the same positions at every step
-            flat = flat[torch.randperm(flat.numel(), generator=generator)[: self.spearman_entries]]
+            flat = flat[
+                torch.randperm(flat.numel(), generator=generator)[: self.config.spearman_entries]
+            ]
         self.snapshots[step] = (masks, {"scores": flat})
         logger.info("sensitivity snapshot at step %d: top-%d of %d entries", step, count, total)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if train_dataloader is None:
             raise ValueError("SensitivityCallback needs the train dataloader for its samples")
-        self.samples = first_samples(train_dataloader, self.num_samples, "sensitivity scores")
+        self.samples = first_samples(
+            train_dataloader, self.config.num_samples, "sensitivity scores"
+        )
         if self._due(state.global_step):
             self._snapshot(model, state.global_step)
 
@@ -103,10 +92,10 @@ class SensitivityCallback(TrainerCallback):
         masks = [self.snapshots[s][0] for s in steps]
         scores = [self.snapshots[s][1] for s in steps]
         jaccard = jaccard_matrix(masks)
-        spearman = spearman_matrix(scores, max_entries=self.spearman_entries)
+        spearman = spearman_matrix(scores, max_entries=self.config.spearman_entries)
         self.drift = {
-            "metric": self.metric,
-            "top_k": self.top_k,
+            "metric": self.config.metric,
+            "top_k": self.config.top_k,
             "steps": steps,
             "jaccard": jaccard.tolist(),
             "spearman": spearman.tolist(),

@@ -1,4 +1,4 @@
-"""``hf-sparse compress`` through an argparse parser built with ``add_compress_parser``."""
+"""Basis Sharing recipes and ``hf-sparse compress`` (the command line's own parser)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import build_tiny_model, build_word_tokenizer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from hf_sparse.basis_sharing.cli import add_compress_parser, compress_recipe_from_dict
-from tests.conftest import build_tiny_model, build_word_tokenizer
+from hf_sparse.basis_sharing import basis_sharing_recipe_from_dict
+from hf_sparse.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = " ".join(f"w{i % 97} w{(i * 7) % 89} w{(i * 13) % 31}" for i in range(3000))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hf-sparse")
-    add_compress_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 @pytest.fixture
@@ -46,6 +45,7 @@ def test_compress_from_flags_saves_a_loadable_adapter(tiny_folder, tmp_path, cap
             "recipe.yaml"} <= files  # fmt: skip
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     results = json.loads((out / "hf_sparse_results.json").read_text())
+    assert results["kind"] == "basis_sharing" and results["config"]["group_size"] == 2
     assert results["metrics"]["parameters"]["removed"] > 0
     assert results["metrics"]["compressed"]["perplexity"] > 0
     base = AutoModelForCausalLM.from_pretrained(tiny_folder)
@@ -58,7 +58,9 @@ def test_compress_from_flags_saves_a_loadable_adapter(tiny_folder, tmp_path, cap
 
 def test_recipe_files_parse_and_flags_override(tmp_path):
     for name in ("basis-sharing-20.yaml", "basis-sharing-40-update.yaml", "basis-sharing-40.yaml"):
-        recipe = compress_recipe_from_dict(yaml.safe_load((ROOT / "recipes" / name).read_text()))
+        recipe = basis_sharing_recipe_from_dict(
+            yaml.safe_load((ROOT / "recipes" / name).read_text())
+        )
         config = recipe.config()
         assert config.ratio in (0.2, 0.4) and config.group_size in (2, 4)
         assert config.update_coefficients == ("update" in name)
@@ -80,7 +82,7 @@ def test_recipe_files_parse_and_flags_override(tmp_path):
 )
 def test_bad_recipes_fail_naming_the_key(data, message):
     with pytest.raises(ValueError, match=message):
-        compress_recipe_from_dict(data)
+        basis_sharing_recipe_from_dict(data)
 
 
 def test_cli_errors_before_loading_anything(tmp_path):

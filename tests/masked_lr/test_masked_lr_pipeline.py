@@ -10,11 +10,16 @@ import yaml
 from conftest import build_tiny_model, build_word_tokenizer
 
 from hf_sparse.cli import main
-from hf_sparse.mask_pipeline import mask_recipe_from_dict, run_mask_recipe
-from hf_sparse.masked import ParameterMasks
-from hf_sparse.sft import run_sft_recipe, sft_recipe_from_dict
+from hf_sparse.masked_lr import (
+    finetune_recipe_from_dict,
+    mask_recipe_from_dict,
+    run_finetune_recipe,
+    run_mask_recipe,
+)
+from hf_sparse.masks import ParameterMasks
+from hf_sparse.outputs import RESULTS_FILE, read_results
 
-RECIPES_DIR = Path(__file__).parents[1] / "recipes"
+RECIPES_DIR = Path(__file__).parents[2] / "recipes"
 WORDS = " ".join(f"w{i % 97} x{(i * 7) % 31}" for i in range(3000))
 RECORDS = [
     {"instruction": f"say w{i} x{i % 31}", "input": "", "output": f"w{(i * 3) % 97} x{i % 7}"}
@@ -45,8 +50,10 @@ def test_mask_cli_writes_masks_and_summary(tiny, tmp_path, job, capsys):
     argv += ["--top-k-percent", "5"] if job != "reverse" else []
     assert main(argv) == 0
     masks = ParameterMasks.load(out / "masks.safetensors")
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["job"] == job and summary["kept"] == masks.count() > 0
+    summary = read_results(out)
+    assert summary["kind"] == "masks" and summary["job"] == job
+    assert summary["metrics"]["kept"] == masks.count() > 0
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["mask"][job]
     assert "kept:" in capsys.readouterr().out
     assert main(argv) == 2  # existing folder refused without --overwrite
     assert main([*argv, "--overwrite"]) == 0
@@ -84,11 +91,13 @@ def test_golden_sft_recipe_trains_a_sparse_adapter(tiny, tmp_path):
     data["data"].update(dataset=str(tiny["records"]), num_samples=3, max_length=16)
     data["finetune"].update(max_steps=3, train_samples=12, eval_samples=4, max_length=16)
     data["finetune"].update(learning_rate=1e-2)
-    results = run_sft_recipe(sft_recipe_from_dict(data))
+    results = run_finetune_recipe(finetune_recipe_from_dict(data))
     masks = ParameterMasks.load(out / "masks.safetensors")
     assert results["trainable_parameters"] == masks.count()
     assert results["eval_loss_after"] != results["eval_loss_before"]
     assert (out / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "results.json").read_text())["trainable_parameters"] > 0
+    saved = json.loads((out / RESULTS_FILE).read_text())
+    assert saved["kind"] == "finetune" and saved["trainable_parameters"] > 0
+    assert saved["metrics"]["eval_loss_after"] == results["eval_loss_after"]
     with pytest.raises(ValueError, match="exactly one of"):
-        sft_recipe_from_dict({**data, "masks_file": str(out / "masks.safetensors")})
+        finetune_recipe_from_dict({**data, "masks_file": str(out / "masks.safetensors")})

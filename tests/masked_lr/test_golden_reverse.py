@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import build_tiny_model, make_token_windows
 
-from hf_sparse.importance import (
+from hf_sparse.importance import compute_importance
+from hf_sparse.importance.samples import as_samples
+from hf_sparse.masked_lr import (
     FLUCTUATION_STRATEGIES,
-    compute_importance,
+    GoldenConfig,
+    ReverseGoldenConfig,
     golden_masks,
     initial_state,
     reverse_golden_masks,
 )
-from hf_sparse.importance.reverse import KLProbe
-from hf_sparse.importance.samples import as_samples
-from hf_sparse.masked import ParameterMasks, count_for, top_k
+from hf_sparse.masked_lr.reverse import KLProbe
+from hf_sparse.masks import count_for, top_k
 from hf_sparse.models import parameter_layouts
 
 
@@ -28,7 +28,8 @@ def examples(n: int = 10, length: int = 12):
 def test_golden_is_the_intersection_of_per_sample_top_k():
     model = build_tiny_model("llama")
     data = examples()
-    result = golden_masks(model, data, None, 30, num_samples=4, show_progress=False)
+    config = GoldenConfig(top_k_percent=30, num_samples=4)
+    result = golden_masks(model, config, data, show_progress=False)
     expected = None
     for example in data[:4]:
         scores = compute_importance(model, [example], "gradient", show_progress=False)
@@ -47,11 +48,9 @@ def test_golden_last_blocks_and_prompt_fn():
     prompt = dict(zip(texts, windows, strict=True))
     result = golden_masks(
         model,
+        GoldenConfig(top_k_percent=20, num_samples=3, last_blocks_percent=50),
         texts,
         lambda t: {"input_ids": prompt[t], "labels": prompt[t]},
-        20,
-        num_samples=3,
-        last_blocks_percent=50,
         show_progress=False,
     )
     assert result.masks and all(n.startswith("model.layers.1.") for n in result.masks)
@@ -62,34 +61,33 @@ def test_golden_bad_input():
     data = examples()
     for bad in (0, 101):
         with pytest.raises(ValueError, match=r"top_k_percent must be in \(0, 100\]"):
-            golden_masks(model, data, None, bad)
+            GoldenConfig(top_k_percent=bad)
     with pytest.raises(ValueError, match="empty"):
-        golden_masks(model, [], None, 5)
+        golden_masks(model, GoldenConfig(), [])
     with pytest.raises(ValueError, match="example 1.*same length"):
         golden_masks(
             model,
+            GoldenConfig(num_samples=2),
             [0, 1],
             lambda i: {"input_ids": [1, 2, 3], "labels": [1, 2, 3][: 3 - i]},
-            5,
-            num_samples=2,
         )
     with pytest.raises(ValueError, match="per-sample metric"):
-        golden_masks(model, data, None, 5, metric="magnitude")
+        GoldenConfig(metric="magnitude")
     with pytest.raises(ValueError, match="num_samples"):
-        golden_masks(model, data, None, 5, num_samples=0)
+        GoldenConfig(num_samples=0)
     with pytest.raises(ValueError, match="scope must be one of"):
-        golden_masks(model, data, None, 5, scope="layer")
+        GoldenConfig(scope="layer")
     with pytest.raises(ValueError, match=r"last_blocks_percent must be in \(0, 100\]"):
-        golden_masks(model, data, None, 5, last_blocks_percent=0)
+        GoldenConfig(last_blocks_percent=0)
+    assert golden_masks(model, GoldenConfig(num_samples=2), data, show_progress=False).masks
 
 
-def test_reverse_search_beats_random_and_restores_weights(tmp_path):
+def test_reverse_search_beats_random_and_restores_weights():
     model = build_tiny_model("llama")
     data = examples(12)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = reverse_golden_masks(
-        model, data, None, 5.0, num_samples=6, eval_samples=4, rounds=6, show_progress=False
-    )
+    config = ReverseGoldenConfig(target_percent=5.0, num_samples=6, eval_samples=4, rounds=6)
+    result = reverse_golden_masks(model, config, data, show_progress=False)
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(torch.equal(before[n], after[n]) for n in before)
     total = result.masks.numel()
@@ -110,28 +108,15 @@ def test_reverse_search_beats_random_and_restores_weights(tmp_path):
             start += mask.numel()
         random_kls.append(probe.kl_with_zeroed(masks))
     assert result.kl > max(random_kls)
-
-    result.save(tmp_path / "rev")
-    assert ParameterMasks.load(tmp_path / "rev" / "masks.safetensors") == result.masks
-    summary = json.loads((tmp_path / "rev" / "summary.json").read_text())
-    assert summary["kl"] == result.kl and len(summary["history"]) == len(result.history)
-    with pytest.raises(FileExistsError):
-        result.save(tmp_path / "rev")
+    assert result.settings["target_percent"] == 5.0 and result.settings["num_samples"] == 6
 
 
 def test_reverse_search_stops_early_on_stagnation():
     model = build_tiny_model("llama")
-    result = reverse_golden_masks(
-        model,
-        examples(12),
-        None,
-        5.0,
-        num_samples=4,
-        rounds=30,
-        patience=2,
-        strategy="chaos",
-        show_progress=False,
+    config = ReverseGoldenConfig(
+        target_percent=5.0, num_samples=4, rounds=30, patience=2, strategy="chaos"
     )
+    result = reverse_golden_masks(model, config, examples(12), show_progress=False)
     assert len(result.history) < 30
     last = result.history[-3:]
     assert all(h["kl"] <= last[0]["best_kl"] for h in last[1:])
@@ -140,13 +125,13 @@ def test_reverse_search_stops_early_on_stagnation():
 def test_reverse_bad_input():
     model = build_tiny_model("llama")
     with pytest.raises(ValueError, match="valid strategies"):
-        reverse_golden_masks(model, examples(), None, 1.0, strategy="random_walk")
+        ReverseGoldenConfig(strategy="random_walk")
     with pytest.raises(ValueError, match="held-out"):
-        reverse_golden_masks(model, examples(4), None, 1.0, num_samples=4)
+        reverse_golden_masks(model, ReverseGoldenConfig(num_samples=4), examples(4))
     with pytest.raises(ValueError, match=r"target_percent must be in \(0, 100\]"):
-        reverse_golden_masks(model, examples(), None, 0.0)
+        ReverseGoldenConfig(target_percent=0.0)
     with pytest.raises(ValueError, match="scope"):
-        reverse_golden_masks(model, examples(), None, 1.0, scope="head")
+        ReverseGoldenConfig(scope="head")
 
 
 def run(strategy: str, rounds: int = 12, kl_fn=None, seed: int = 0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_sparse.masked import TensorLayout, count_for, top_k
+from hf_sparse.masks import TensorLayout, count_for, top_k
 from hf_sparse.models import parameter_layouts
 
 

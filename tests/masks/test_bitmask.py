@@ -1,4 +1,4 @@
-"""Bit-packed mask storage (hf_sparse.masked.bitmask)."""
+"""Bit-packed mask storage (hf_sparse.masks.bitmask)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_sparse.masked.bitmask import load_masks, pack_bits, save_masks, unpack_bits
+from hf_sparse.masks.bitmask import load_masks, pack_bits, save_masks, unpack_bits
 
 SHAPES = [(1,), (7,), (8,), (9,), (1000,), (3, 5), (2, 3, 7), (4, 1, 9), (16, 64)]
 

@@ -11,13 +11,13 @@ Lifecycle:
 
 Example::
 
-    trainer = GoldenParamsTrainer(model=model, args=args, train_dataset=ds,
-                                  callbacks=[GoldenMaskCallback(top_k_percent=5)])
+    callback = GoldenMaskCallback(GoldenConfig(top_k_percent=5, num_samples=8))
+    trainer = GoldenParamsTrainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
     trainer.train()
 
 For a masked-LR PEFT adapter (``MaskedLRConfig``) the masks are part of the adapter's
 structure and must exist before the model is wrapped: compute them first with
-``hf_sparse.importance.golden_masks`` or ``hf-sparse mask golden``.
+``hf_sparse.masked_lr.golden_masks`` or ``hf-sparse mask golden``.
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from hf_sparse.importance import golden_masks
 from hf_sparse.importance.samples import first_samples
-from hf_sparse.masked import ParameterMasks, check_percent
-from hf_sparse.trainers import freeze_parameters_without_masks, set_optimizer_masks
+from hf_sparse.masked_lr import GoldenConfig, golden_masks
+from hf_sparse.masked_lr.trainer import freeze_parameters_without_masks, set_optimizer_masks
+from hf_sparse.masks import ParameterMasks
 
 logger = logging.getLogger(__name__)
 
@@ -48,33 +47,34 @@ def _examples_from_batches(dataloader, num_samples: int) -> list[dict[str, torch
 
 
 class GoldenMaskCallback(TrainerCallback):
+    """Golden masks at ``on_train_begin`` (``config``: the search; or a ``masks_file``), handed
+    to the Trainer's ``MaskedAdamW`` so only the masked entries learn; saved with checkpoints.
+
+    ``trainer.compare_generations_with_mask`` of a ``GoldenParamsTrainer`` finds these masks.
+    """
+
     def __init__(
         self,
+        config: GoldenConfig | None = None,
         masks_file: str | os.PathLike | None = None,
-        top_k_percent: float = 5.0,
-        num_samples: int = 8,
         inside_lr_scale: float = 1.0,
         outside_lr_scale: float = 0.0,
         freeze_unmasked: bool = True,
-        **golden_options: Any,
     ) -> None:
+        if config is not None and not isinstance(config, GoldenConfig):
+            raise TypeError(f"config must be a GoldenConfig, got {type(config).__name__}")
         if masks_file is not None and not Path(masks_file).is_file():
             raise FileNotFoundError(f"masks_file {masks_file} does not exist")
-        check_percent(top_k_percent, "top_k_percent")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if inside_lr_scale <= 0 or outside_lr_scale < 0:
             raise ValueError(
                 f"inside_lr_scale must be > 0 and outside_lr_scale >= 0, got "
                 f"{inside_lr_scale} and {outside_lr_scale}"
             )
+        self.config = config if config is not None else GoldenConfig(num_samples=8)
         self.masks_file = masks_file
-        self.top_k_percent = top_k_percent
-        self.num_samples = num_samples
         self.inside_lr_scale = inside_lr_scale
         self.outside_lr_scale = outside_lr_scale
         self.freeze_unmasked = freeze_unmasked
-        self.golden_options = golden_options
         self.masks: ParameterMasks | None = None
 
     def _find_masks(self, args, state, model, train_dataloader) -> ParameterMasks:
@@ -84,15 +84,9 @@ class GoldenMaskCallback(TrainerCallback):
             return ParameterMasks.load(checkpoint / GOLDEN_MASKS_FILE)
         if self.masks_file is not None:
             return ParameterMasks.load(self.masks_file)
-        examples = _examples_from_batches(train_dataloader, self.num_samples)
+        examples = _examples_from_batches(train_dataloader, self.config.num_samples)
         result = golden_masks(
-            model,
-            examples,
-            None,
-            self.top_k_percent,
-            num_samples=len(examples),
-            show_progress=state.is_local_process_zero,
-            **self.golden_options,
+            model, self.config, examples, None, show_progress=state.is_local_process_zero
         )
         return result.masks
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_word_tokenizer, make_token_windows
 from hf_sparse.callbacks import GoldenMaskCallback
-from hf_sparse.callbacks.golden import GOLDEN_MASKS_FILE
+from hf_sparse.callbacks.masked_lr import GOLDEN_MASKS_FILE
 from transformers import Trainer, TrainingArguments
 
-from hf_sparse.masked import ParameterMasks
-from hf_sparse.trainers import GoldenParamsTrainer
+from hf_sparse.masked_lr import GoldenConfig, GoldenParamsTrainer
+from hf_sparse.masks import ParameterMasks
 
 MAX_STEPS = 4
 TARGET = "model.layers.1.mlp.up_proj.weight"
@@ -97,7 +97,7 @@ def test_golden_params_and_generation_comparison(tmp_path):
         processing_class=build_word_tokenizer("a b c d e f g h"),
     )
     golden = trainer.get_golden_params(
-        top_k_percent=30, num_samples=4, params=["up", "down"], show_progress=False
+        GoldenConfig(top_k_percent=30, num_samples=4, params=["up", "down"]), show_progress=False
     )
     assert 0 < golden.masks.density() <= 0.3 + 1e-6
     assert all(n.endswith(("up_proj.weight", "down_proj.weight")) for n in golden.masks)
@@ -111,7 +111,9 @@ def test_golden_params_and_generation_comparison(tmp_path):
 
 def test_callback_computes_masks_saves_and_resumes(tmp_path):
     model = build_tiny_model("llama")
-    callback = GoldenMaskCallback(top_k_percent=40, num_samples=4, params=["gate", "up"])
+    callback = GoldenMaskCallback(
+        GoldenConfig(top_k_percent=40, num_samples=4, params=["gate", "up"])
+    )
     args = training_args(tmp_path, save_strategy="steps", save_steps=2)
     before = snapshot(model)
     trainer = GoldenParamsTrainer(
@@ -127,7 +129,9 @@ def test_callback_computes_masks_saves_and_resumes(tmp_path):
     assert saved == masks
 
     resumed_model = build_tiny_model("llama")
-    resumed = GoldenMaskCallback(top_k_percent=40, num_samples=4, params=["gate", "up"])
+    resumed = GoldenMaskCallback(
+        GoldenConfig(top_k_percent=40, num_samples=4, params=["gate", "up"])
+    )
     trainer = GoldenParamsTrainer(
         model=resumed_model, args=args, train_dataset=examples(seed=1), callbacks=[resumed]
     )
@@ -158,7 +162,9 @@ def test_masks_for_another_model_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GoldenMaskCallback(masks_file=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=r"\(0, 100\]"):
-        GoldenMaskCallback(top_k_percent=0)
+        GoldenMaskCallback(GoldenConfig(top_k_percent=0))
+    with pytest.raises(TypeError, match="GoldenConfig"):
+        GoldenMaskCallback({"top_k_percent": 5})
 
 
 def test_golden_params_on_raw_examples_name_the_fix(tmp_path):
@@ -166,4 +172,4 @@ def test_golden_params_on_raw_examples_name_the_fix(tmp_path):
         model=build_tiny_model("llama"), args=training_args(tmp_path), train_dataset=examples()
     )
     with pytest.raises(ValueError, match="no 'input_ids'.*prompt_fn="):
-        trainer.get_golden_params(dataset=[{"text": "raw"}], num_samples=1)
+        trainer.get_golden_params(GoldenConfig(num_samples=1), dataset=[{"text": "raw"}])

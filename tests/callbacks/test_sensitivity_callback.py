@@ -10,6 +10,8 @@ from conftest import build_tiny_model, make_token_windows
 from hf_sparse.callbacks import SensitivityCallback
 from transformers import Trainer, TrainingArguments
 
+from hf_sparse.analysis import SensitivityConfig
+
 
 def _args(tmp_path, lr: float) -> TrainingArguments:
     return TrainingArguments(
@@ -24,7 +26,9 @@ def _data():
 
 @pytest.mark.parametrize("metric", ["magnitude", "fisher"])
 def test_drift_is_recorded_and_grows_with_training(tmp_path, metric):
-    callback = SensitivityCallback(metric=metric, top_k=2.0, steps=[0, 3, 6], num_samples=4)
+    callback = SensitivityCallback(
+        SensitivityConfig(metric=metric, top_k=2.0, steps=[0, 3, 6], num_samples=4)
+    )
     Trainer(
         model=build_tiny_model("llama"), args=_args(tmp_path, 5e-2), train_dataset=_data(),
         callbacks=[callback],
@@ -39,7 +43,7 @@ def test_drift_is_recorded_and_grows_with_training(tmp_path, metric):
 
 
 def test_no_training_means_no_drift(tmp_path):
-    callback = SensitivityCallback(metric="magnitude", top_k=50, every=3)
+    callback = SensitivityCallback(SensitivityConfig(metric="magnitude", top_k=50, every=3))
     Trainer(
         model=build_tiny_model("llama"), args=_args(tmp_path, 0.0), train_dataset=_data(),
         callbacks=[callback],
@@ -50,8 +54,10 @@ def test_no_training_means_no_drift(tmp_path):
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown metric 'snr'"):
-        SensitivityCallback(metric="snr", every=1)
+        SensitivityConfig(metric="snr", every=1)
     with pytest.raises(ValueError, match="choose when to snapshot"):
-        SensitivityCallback()
+        SensitivityConfig()
     with pytest.raises(ValueError, match="every must be a positive integer"):
-        SensitivityCallback(every=0)
+        SensitivityConfig(every=0)
+    with pytest.raises(TypeError, match="SensitivityConfig"):
+        SensitivityCallback({"every": 1})

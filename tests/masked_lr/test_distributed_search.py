@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_sparse.masked import ParameterMasks
+from hf_sparse.masks import ParameterMasks
 
 pytestmark = pytest.mark.distributed
 

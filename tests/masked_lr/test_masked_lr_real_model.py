@@ -12,10 +12,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from hf_sparse.cli import main
-from hf_sparse.masked import ParameterMasks
 from hf_sparse.masked_lr import MaskedLRConfig, get_masked_lr_model
+from hf_sparse.masked_lr.config import FinetuneConfig
+from hf_sparse.masked_lr.finetune import PadCollator, instruction_splits, train_args
+from hf_sparse.masks import ParameterMasks
 from hf_sparse.real_model import fetch_model
-from hf_sparse.sft import FinetuneConfig, PadCollator, instruction_splits, train_args
 
 pytestmark = pytest.mark.real_model
 

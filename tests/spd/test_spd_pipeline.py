@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -10,16 +9,10 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from hf_sparse.spd.cli import add_decompose_parser, cmd_decompose, main
+from hf_sparse.cli import main
 from hf_sparse.spd.experiments import EXPERIMENTS, get_experiment
-from hf_sparse.spd.recipe import experiment_from_dict, load_decompose_target
+from hf_sparse.spd.pipeline import experiment_from_dict, load_experiment
 from hf_sparse.spd.toy_models import TMSConfig, build_toy_model
-
-
-def _parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_decompose_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["decompose", *argv])
 
 
 def test_unknown_experiment_lists_the_known_ones():
@@ -73,16 +66,21 @@ def test_a_tiny_toy_run_writes_safetensors_and_reloads(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({"experiment": "tms_5-2", "target_training": {"steps": 200}}))
-    args = _parse(
-        str(recipe), "--output-dir", str(out), "--steps", "20", "--batch-size", "64", "--no-plots"
-    )
-    assert cmd_decompose(args) == 0
+    argv = ["decompose", str(recipe), "--output-dir", str(out), "--steps", "20",
+            "--batch-size", "64", "--no-plots"]  # fmt: skip
+    assert main(argv) == 0
     out_text = capsys.readouterr().out  # Trainer's log lines, then the summary as JSON
     printed = json.loads(out_text[out_text.index("\n{\n") :])
     assert printed["summary"]["n_features"] == 5
     assert printed["published"] == {"mmcs": 1.0, "ml2r": 0.993}
     files = {p.name for p in out.rglob("*") if p.is_file()}
-    assert {"adapter_model.safetensors", "target_model.safetensors", "results.json"} <= files
+    assert {"adapter_model.safetensors", "target_model.safetensors", "hf_sparse_results.json",
+            "recipe.yaml"} <= files  # fmt: skip
+    saved = json.loads((out / "hf_sparse_results.json").read_text())
+    assert saved["kind"] == "spd" and saved["metrics"] and saved["config"]["name"] == "tms_5-2"
+    rerun = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert load_experiment(out / "recipe.yaml").experiment.train.steps == 20
+    assert rerun["experiment"] == "tms_5-2"
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     target = build_toy_model(TMSConfig())
     target.load_state_dict(load_file(out / "target_model.safetensors"))
@@ -90,14 +88,14 @@ def test_a_tiny_toy_run_writes_safetensors_and_reloads(tmp_path, capsys):
 
     reloaded = PeftModel.from_pretrained(target, out / "adapter")
     assert reloaded.peft_config["default"].C == 20
-    with pytest.raises(FileExistsError, match="overwrite"):
-        cmd_decompose(args)
+    assert main(argv) == 2
+    assert "overwrite" in capsys.readouterr().err
 
 
 def test_recipe_files_parse_and_main_reports_errors(tmp_path, capsys):
     for name in ("spd-tms-5-2.yaml", "spd-resid-mlp1.yaml", "spd-smollm2.yaml"):
-        experiment, output_dir = load_decompose_target(f"recipes/{name}")
-        assert output_dir and experiment.train.steps > 0
+        recipe = load_experiment(f"recipes/{name}")
+        assert recipe.output_dir and recipe.experiment.train.steps > 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"experiment": "tms_5-2", "loss": {"pnorm": -1}}))
     assert main(["decompose", str(bad)]) == 2

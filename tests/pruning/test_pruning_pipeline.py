@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import build_tiny_model, build_word_tokenizer
 from transformers import AutoModelForCausalLM
 
 from hf_sparse.cli import main
-from hf_sparse.masked.bitmask import load_masks
+from hf_sparse.masks.bitmask import MASKS_FILE, load_masks
 from hf_sparse.models import weight_matrix
-from hf_sparse.pipeline import MASKS_FILE, oneshot
-from hf_sparse.recipes import load_recipe, recipe_from_dict
-from tests.conftest import build_tiny_model, build_word_tokenizer
+from hf_sparse.outputs import read_results
+from hf_sparse.pruning import load_pruning_recipe, oneshot, pruning_recipe_from_dict
 
-ALL_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+ALL_RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 RECIPES = [p for p in ALL_RECIPES if "pruning" in yaml.safe_load(p.read_text())]
 WORDS = " ".join(f"w{i % 97} x{(i * 7) % 31}" for i in range(3000))
 
@@ -41,9 +41,9 @@ def _small(recipe_dict: dict, model: Path, text: Path, out: Path) -> dict:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_load_and_apply_to_a_tiny_model(path, tiny_dir, tmp_path):
-    recipe = load_recipe(path)
+    recipe = load_pruning_recipe(path)
     data = _small(recipe.to_dict(), tiny_dir, tmp_path / "text.txt", tmp_path / "out")
-    result = oneshot(None, recipe_from_dict(data), show_progress=False)
+    result = oneshot(None, pruning_recipe_from_dict(data), show_progress=False)
     assert result.metrics["sparsity"] == pytest.approx(recipe.pruning.sparsity, abs=0.01)
     assert result.metrics["pruned"]["perplexity"] > 0
     saved = tmp_path / "out"
@@ -57,26 +57,30 @@ def test_shipped_recipes_load_and_apply_to_a_tiny_model(path, tiny_dir, tmp_path
         assert torch.equal(weight_matrix(modules[name]) != 0, keep), name
     config = json.loads((saved / "config.json").read_text())
     assert config["sparsity"]["method"] == recipe.pruning.method
-    assert yaml.safe_load((saved / "recipe.yaml").read_text())["pruning"]
+    assert pruning_recipe_from_dict(yaml.safe_load((saved / "recipe.yaml").read_text()))
+    results = read_results(saved)
+    assert results["kind"] == "pruning" and results["config"]["method"] == recipe.pruning.method
+    assert results["metrics"]["pruned"] == result.metrics["pruned"]
+    assert results["timings"]["prune_seconds"] > 0 and results["versions"]["torch"]
     assert "perplexity" in (saved / "README.md").read_text()
 
 
 def test_unknown_recipe_keys_are_rejected_with_the_valid_list(tmp_path):
     bad = {"model": "x", "pruning": {"sparsegpt": {"sparsity": 0.5}}, "calibraton": {}}
     with pytest.raises(ValueError, match="calibraton.*valid keys"):
-        recipe_from_dict(bad)
+        pruning_recipe_from_dict(bad)
     bad = {
         "model": "x",
         "pruning": {"sparsegpt": {"sparsity": 0.5}},
         "calibration": {"num_sample": 3},
     }
     with pytest.raises(ValueError, match="num_sample.*valid keys.*num_samples"):
-        recipe_from_dict(bad)
+        pruning_recipe_from_dict(bad)
     with pytest.raises(ValueError, match="exactly one method"):
-        recipe_from_dict({"model": "x", "pruning": {}})
+        pruning_recipe_from_dict({"model": "x", "pruning": {}})
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(ValueError, match="not valid YAML"):
-        load_recipe(tmp_path / "bad.yaml")
+        load_pruning_recipe(tmp_path / "bad.yaml")
 
 
 def test_cli_prune_then_eval(tiny_dir, tmp_path, capsys):
@@ -178,7 +182,7 @@ def test_cli_errors_are_clear_and_leave_no_output(tiny_dir, tmp_path, capsys):
 
 
 def test_failed_save_leaves_no_half_written_folder(tiny_dir, tmp_path, monkeypatch):
-    import hf_sparse.pipeline as pipeline_module
+    import hf_sparse.pruning.pipeline as pipeline_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -196,7 +200,10 @@ def test_failed_save_leaves_no_half_written_folder(tiny_dir, tmp_path, monkeypat
 
 def test_cli_run_recipe_file(tiny_dir, tmp_path, capsys):
     data = _small(
-        load_recipe(RECIPES[0]).to_dict(), tiny_dir, tmp_path / "text.txt", tmp_path / "run-out"
+        load_pruning_recipe(RECIPES[0]).to_dict(),
+        tiny_dir,
+        tmp_path / "text.txt",
+        tmp_path / "run-out",
     )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -1,4 +1,5 @@
-"""``hf-sparse decompose`` recipes: a named toy experiment with overrides, or a language model.
+"""SPD recipes (``hf-sparse run`` / ``decompose``): a named toy experiment with overrides, or a
+language model.
 
 Toy (``recipes/spd-tms-5-2.yaml``)::
 
@@ -22,18 +23,20 @@ against its toy model before any training.
 from __future__ import annotations
 
 import dataclasses
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config_utils import check_keys, from_dict
-from ..recipes import read_recipe_file
+from ..recipes import RecipeKind, register_recipe_kind
 from .config import SPDConfig, SPDLossConfig
 from .experiments import EXPERIMENTS, SPDTrainConfig, ToyExperiment, get_experiment
 from .lm import LMDataConfig, LMExperiment
 from .toy_models import ToyTrainingConfig, build_toy_model
 
-TOY_KEYS = ("experiment", "toy", "target_training", "spd", "loss", "train", "output_dir")
+TOY_KEYS = (
+    "experiment", "toy", "target_training", "spd", "loss", "train", "plots", "output_dir",
+)  # fmt: skip
 LM_KEYS = ("model", "name", "spd", "loss", "train", "data", "cluster_min_similarity", "output_dir")
 SPD_KEYS = (
     "C",
@@ -159,15 +162,86 @@ def experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> Experim
     )
 
 
-def is_recipe_path(target: str | os.PathLike) -> bool:
-    return str(target).endswith((".yaml", ".yml")) or Path(target).is_file()
+@dataclass
+class SPDRecipe:
+    experiment: Experiment
+    output_dir: str | None
+    plots: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe mapping (runnable with ``hf-sparse run``) of this experiment."""
+        exp = self.experiment
+        if isinstance(exp, LMExperiment):
+            values = dataclasses.asdict(exp)
+        else:
+            values = {
+                "experiment": exp.name,
+                "toy": dataclasses.asdict(exp.toy),
+                "target_training": dataclasses.asdict(exp.target_training),
+                "spd": dict(exp.spd),
+                "loss": dataclasses.asdict(exp.loss),
+                "train": dataclasses.asdict(exp.train),
+                "plots": self.plots,
+            }
+        return {**values, "output_dir": self.output_dir}
 
 
-def load_decompose_target(target: str | os.PathLike) -> tuple[Experiment, str | None]:
-    """``(experiment, recipe output_dir or None)`` from an experiment name or a recipe path."""
-    if is_recipe_path(target):
-        data = read_recipe_file(target)
-        return experiment_from_dict(data, where=str(target)), data.get("output_dir")
-    experiment = get_experiment(str(target))
-    check_toy_experiment(experiment)
-    return experiment, None
+def spd_recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> SPDRecipe:
+    plots = data.get("plots", True)
+    if not isinstance(plots, bool):
+        raise ValueError(f"{where}.plots must be true or false, got {plots!r}")
+    return SPDRecipe(experiment_from_dict(data, where), data.get("output_dir"), plots)
+
+
+def run_spd_recipe(
+    recipe: SPDRecipe, overwrite: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
+    """Run the decomposition; saves to ``output_dir`` (default ``spd-<experiment name>``)."""
+    from ..io import check_output_dir
+    from .lm import run_lm_decomposition
+    from .toy_run import run_toy_experiment
+
+    experiment = recipe.experiment
+    output_dir = recipe.output_dir or f"spd-{experiment.name}"
+    check_output_dir(output_dir, overwrite)
+    saved = SPDRecipe(experiment, output_dir, recipe.plots).to_dict()
+    if isinstance(experiment, LMExperiment):
+        return run_lm_decomposition(experiment, output_dir, overwrite, recipe=saved)
+    return run_toy_experiment(experiment, output_dir, overwrite, recipe.plots, recipe=saved)
+
+
+def summarize(results: dict[str, Any]) -> str:
+    """The summary as JSON: component statistics and timings (toy: against ground truth)."""
+    import json
+
+    if "round_trip" in results:  # a language-model decomposition
+        metrics = results["metrics"]
+        shown = {
+            "kl": metrics["kl"],
+            "mean_active_per_token": metrics["mean_active_per_token"],
+            "layers": metrics["layers"],
+            "round_trip": results["round_trip"],
+            "timings": results["timings"],
+        }
+    else:
+        shown = {k: results[k] for k in ("summary", "published", "timings")}
+    shown["output_dir"] = results.get("output_dir")
+    return json.dumps({"experiment": results["experiment"], **shown}, indent=2, default=str)
+
+
+SPD_RECIPES = register_recipe_kind(
+    RecipeKind(
+        "spd", ("experiment", "spd"), spd_recipe_from_dict, run_spd_recipe, summarize,
+        model_key="model",
+    )
+)  # fmt: skip
+
+
+def load_experiment(target: str | os.PathLike) -> SPDRecipe:
+    """The SPD recipe of a toy experiment name (``tms_5-2``) or of a recipe file."""
+    from ..recipes import read_recipe_file
+
+    text = str(target)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return spd_recipe_from_dict(read_recipe_file(target), where=text)
+    return spd_recipe_from_dict({"experiment": text}, where="experiment name")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import build_tiny_model, make_token_windows
@@ -11,7 +9,8 @@ from hf_sparse.callbacks import TaskVectorPruneCallback
 from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
-import hf_sparse  # noqa: F401  (registers MASKED_LR)
+from hf_sparse.merging import TaskVectorPruneConfig
+from hf_sparse.outputs import read_results
 
 
 def examples(n: int = 16, length: int = 12) -> list[dict[str, torch.Tensor]]:
@@ -36,12 +35,13 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
 
 @pytest.mark.parametrize(
     ("arch", "method"),
-    [("llama", "sparsegpt_tv"), ("gpt2", "sparsegpt_tv"), ("llama", "magnitude")],
+    [("llama", "sparsegpt_tv"), ("gpt2", "sparsegpt_tv"), ("llama", "magnitude_prune")],
 )
 def test_pruned_delta_adapter_loads_on_the_base(tmp_path, arch, method):
     base = build_tiny_model(arch)
     model = build_tiny_model(arch)
-    callback = TaskVectorPruneCallback(density=0.25, method=method, calibration_samples=8)
+    config = TaskVectorPruneConfig(density=0.25, method=method, calibration_samples=8)
+    callback = TaskVectorPruneCallback(config)
     Trainer(
         model=model, args=training_args(tmp_path), train_dataset=examples(), callbacks=[callback]
     ).train()
@@ -57,24 +57,24 @@ def test_pruned_delta_adapter_loads_on_the_base(tmp_path, arch, method):
         if name.removesuffix(".weight") in callback.base_weights:
             kept = (delta != 0).float().mean().item()
             assert kept == pytest.approx(0.25, abs=0.03), name
-            if method == "magnitude":  # the kept entries are the trained ones, unchanged
+            if method == "magnitude_prune":  # the kept entries are the trained ones, unchanged
                 torch.testing.assert_close(delta[delta != 0], full[delta != 0])
             checked += 1
         else:
             assert torch.equal(param, base_params[name]), name
     assert checked == len(callback.base_weights) > 0
-    summary = json.loads((folder / "task_vector_pruning.json").read_text())
-    assert summary["method"] == method and summary["density"] == 0.25
+    summary = read_results(folder)
+    assert summary["kind"] == "TaskVectorPruneCallback"
+    assert summary["config"]["method"] == method and summary["config"]["density"] == 0.25
     if method == "sparsegpt_tv":
-        assert 0 < summary["mean_relative_output_error"] < 1
+        assert 0 < summary["metrics"]["mean_relative_output_error"] < 1
 
 
 def test_apply_to_model_writes_base_plus_pruned_delta(tmp_path):
     base = build_tiny_model("llama")
     model = build_tiny_model("llama")
-    callback = TaskVectorPruneCallback(
-        density=0.5, targets=["down"], calibration_samples=4, apply_to_model=True
-    )
+    config = TaskVectorPruneConfig(density=0.5, targets=["down"], calibration_samples=4)
+    callback = TaskVectorPruneCallback(config, apply_to_model=True)
     Trainer(
         model=model, args=training_args(tmp_path), train_dataset=examples(), callbacks=[callback]
     ).train()
@@ -87,13 +87,13 @@ def test_apply_to_model_writes_base_plus_pruned_delta(tmp_path):
 
 def test_bad_settings_and_resume_without_base_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
-        TaskVectorPruneCallback(density=1.5)
+        TaskVectorPruneConfig(density=1.5)
     with pytest.raises(ValueError, match="must be one of"):
-        TaskVectorPruneCallback(method="dare")
+        TaskVectorPruneConfig(method="dare_ties")
     model = build_tiny_model("llama")
     args = training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
     Trainer(model=model, args=args, train_dataset=examples()).train()
-    callback = TaskVectorPruneCallback(density=0.5, method="magnitude")
+    callback = TaskVectorPruneCallback(TaskVectorPruneConfig(density=0.5, method="magnitude_prune"))
     trainer = Trainer(
         model=build_tiny_model("llama"),
         args=training_args(tmp_path, max_steps=4),

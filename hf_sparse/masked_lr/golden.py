@@ -13,12 +13,14 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..masked import RANKING_SCOPES, ParameterMasks, check_percent, top_k
+from ..config_utils import to_dict
+from ..importance.distributed import intersect_across_ranks, sum_across_ranks
+from ..importance.metrics import IMPORTANCE_METRICS, per_rank_scores
+from ..importance.samples import PromptFn, apply_prompt_fn
+from ..importance.selection import select_parameters
+from ..masks import ParameterMasks, check_percent, top_k
 from ..models import find_decoder_blocks, parameter_layouts
-from .distributed import intersect_across_ranks, sum_across_ranks
-from .metrics import IMPORTANCE_METRICS, check_metric_options, per_rank_scores
-from .samples import PromptFn, apply_prompt_fn
-from .selection import select_parameters
+from .config import GoldenConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,62 +58,40 @@ def prepare_selection(model, params, last_blocks_percent) -> dict[str, nn.Parame
     return {n: selected[n] for n in names}
 
 
-def check_per_sample_metric(metric: str, options: dict[str, Any]) -> None:
-    check_metric_options(metric, options)
-    if metric == "magnitude":
-        raise ValueError(
-            "metric 'magnitude' does not depend on the sample; golden masks need a per-sample "
-            f"metric, e.g. {sorted(set(IMPORTANCE_METRICS) - {'magnitude'})}"
-        )
-
-
 def golden_masks(
     model: nn.Module,
+    config: GoldenConfig,
     dataset: Sequence[Any],
     prompt_fn: PromptFn | None = None,
-    top_k_percent: float = 5.0,
-    *,
-    num_samples: int = 16,
-    metric: str = "gradient",
-    scope: str = "tensor",
-    params: list[str] | str | None = None,
-    last_blocks_percent: float | None = None,
     show_progress: bool = True,
-    **metric_options: Any,
 ) -> GoldenResult:
-    """Intersection over ``num_samples`` samples of each sample's top ``top_k_percent`` % by
-    ``metric`` (default ``gradient``: |dL/dw| on that sample alone).
+    """Intersection over ``config.num_samples`` samples of each sample's top
+    ``config.top_k_percent`` % by ``config.metric`` (default ``gradient``: |dL/dw| on that
+    sample alone).
 
     ``dataset``: examples turned into ``{"input_ids", "labels"}`` by ``prompt_fn``
-    (``text_prompt_fn`` / ``instruction_prompt_fn``), or already such dicts. ``scope``: the
-    ranking scope of each per-sample top-k (``tensor``, ``global``, ``row``, ``head``).
-    ``params``: which parameters (default: decoder-block linear weights);
-    ``last_blocks_percent``: only those in the last N% of decoder blocks. Only one sample's
+    (``text_prompt_fn`` / ``instruction_prompt_fn``), or already such dicts. Only one sample's
     scores and the running intersection are in memory at a time. Under ``torch.distributed``
     each rank scores its own examples (give each rank its shard) and the masks are
     intersected across ranks: every rank gets the intersection over all samples.
     """
-    check_percent(top_k_percent, "top_k_percent")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if scope not in RANKING_SCOPES:
-        raise ValueError(f"scope must be one of {list(RANKING_SCOPES)}, got {scope!r}")
-    check_per_sample_metric(metric, metric_options)
-    samples = apply_prompt_fn(dataset, prompt_fn, limit=num_samples)
-    if len(samples) < num_samples:
+    samples = apply_prompt_fn(dataset, prompt_fn, limit=config.num_samples)
+    if not samples:
+        raise ValueError("golden masks need at least one sample; the dataset is empty")
+    if len(samples) < config.num_samples:
         logger.warning(
             "the dataset has %d examples, fewer than num_samples=%d: using all",
             len(samples),
-            num_samples,
+            config.num_samples,
         )
-    selected = prepare_selection(model, params, last_blocks_percent)
+    selected = prepare_selection(model, config.params, config.last_blocks_percent)
     layout = parameter_layouts(model)
-    fn = IMPORTANCE_METRICS[metric]
+    fn = IMPORTANCE_METRICS[config.metric]
     running: ParameterMasks | None = None
     with per_rank_scores():
         for sample in tqdm(samples, desc="golden masks", disable=not show_progress):
-            scores = fn(model, [sample], selected, False, **metric_options)
-            masks = top_k(scores, top_k_percent, scope, layout)
+            scores = fn(model, [sample], selected, False, **config.metric_options)
+            masks = top_k(scores, config.top_k_percent, config.scope, layout)
             running = masks if running is None else running & masks
             del scores
     device = next(model.parameters()).device
@@ -122,12 +102,5 @@ def golden_masks(
         masks=running,
         per_tensor=[r.to_dict() for r in running.report()],
         samples_used=used,
-        settings={
-            "top_k_percent": top_k_percent,
-            "metric": metric,
-            "scope": scope,
-            "num_samples": used,
-            "last_blocks_percent": last_blocks_percent,
-            **metric_options,
-        },
+        settings={**to_dict(config), "num_samples": used},
     )

@@ -1,6 +1,6 @@
 """Golden masks and the reverse search on two ranks; run by test_distributed_search.py as
 
-    torchrun --nproc_per_node 2 tests/importance/distributed_search.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/masked_lr/distributed_search.py OUT_DIR
 
 Every rank builds the same seeded tiny Llama and takes its own, unequal share of the examples
 (rank 0 five, rank 1 three; held-out two each). Each rank writes ``rank<r>.safetensors``:
@@ -17,7 +17,12 @@ import torch
 from conftest import build_tiny_model, make_token_windows
 from safetensors.torch import save_file
 
-from hf_sparse.importance import golden_masks, reverse_golden_masks
+from hf_sparse.masked_lr import (
+    GoldenConfig,
+    ReverseGoldenConfig,
+    golden_masks,
+    reverse_golden_masks,
+)
 
 PARAMS = ["up", "down"]
 SHARDS = {0: (slice(0, 5), slice(8, 10)), 1: (slice(5, 8), slice(10, 12))}
@@ -33,19 +38,13 @@ def run(samples: slice, held_out: slice) -> dict[str, torch.Tensor]:
     data = examples()
     model = build_tiny_model("llama")
     chosen = data[samples]
-    golden = golden_masks(
-        model, chosen, None, 30, num_samples=len(chosen), params=PARAMS, show_progress=False
+    golden_config = GoldenConfig(top_k_percent=30, num_samples=len(chosen), params=PARAMS)
+    golden = golden_masks(model, golden_config, chosen, show_progress=False)
+    reverse_config = ReverseGoldenConfig(
+        target_percent=5.0, num_samples=len(chosen), rounds=4, params=PARAMS
     )
     reverse = reverse_golden_masks(
-        model,
-        chosen,
-        None,
-        5.0,
-        eval_dataset=data[held_out],
-        num_samples=len(chosen),
-        rounds=4,
-        params=PARAMS,
-        show_progress=False,
+        model, reverse_config, chosen, eval_dataset=data[held_out], show_progress=False
     )
     out = {f"golden.{n}": m for n, m in golden.masks.items()}
     out.update({f"reverse.{n}": m for n, m in reverse.masks.items()})

@@ -4,17 +4,19 @@ Lifecycle:
   on_train_begin   remember the base: the target linears' weights before training (or those of
                    ``base_model`` when given, which a resumed run needs); for ``sparsegpt_tv``
                    also the base model's layer-input Hessians on the first
-                   ``calibration_samples`` training samples (padding removed), summed over ranks
-  on_train_end     tau = trained - base per target linear; prune each to ``density`` (SparseGPT's
-                   OBS solver with the base Hessians, or TIES' magnitude trim); save it under
+                   ``config.calibration_samples`` training samples (padding removed), summed
+                   over ranks
+  on_train_end     tau = trained - base per target linear; prune each to ``config.density``
+                   (SparseGPT's OBS solver with the base Hessians, or TIES' magnitude trim
+                   for ``magnitude_prune``); save it under
                    ``<output_dir>/<output_subdir>`` as a ``MASKED_LR`` adapter of the base
                    (``PeftModel.from_pretrained(base, path)`` after ``import hf_sparse``); with
                    ``apply_to_model`` the trained model's weights become base + pruned tau
 
 Example::
 
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      callbacks=[TaskVectorPruneCallback(density=0.1)])
+    callback = TaskVectorPruneCallback(TaskVectorPruneConfig(density=0.1))
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
     trainer.train()   # -> <output_dir>/pruned_task_vector/adapter_model.safetensors
 """
 
@@ -23,21 +25,24 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from hf_sparse.importance.samples import first_samples
-from hf_sparse.merging.core import ObsOptions, check_density
+from hf_sparse.loading import base_model_id
+from hf_sparse.merging.config import TaskVectorPruneConfig
+from hf_sparse.merging.core import ObsOptions
 from hf_sparse.merging.sparse_delta import (
     base_hessians,
-    check_prune_method,
     prune_deltas,
     save_sparse_delta_adapter,
     stored_to_matrix_names,
 )
 from hf_sparse.models import target_linears
+from hf_sparse.outputs import results_record
 
 logger = logging.getLogger(__name__)
 
@@ -51,42 +56,34 @@ def _first_samples(dataloader, count: int) -> list[dict]:
 
 
 class TaskVectorPruneCallback(TrainerCallback):
+    """Prune the fine-tuning delta to ``config.density`` at ``on_train_end`` and save it as a
+    sparse-delta adapter of the base (see the module docstring for the lifecycle)."""
+
     def __init__(
         self,
-        density: float = 0.1,
-        method: str = "sparsegpt_tv",
-        calibration_samples: int = 32,
-        targets: list[str] | None = None,
+        config: TaskVectorPruneConfig | None = None,
         output_subdir: str = OUTPUT_SUBDIR,
         base_model: str | os.PathLike | None = None,
         apply_to_model: bool = False,
-        block_size: int = 128,
-        dampening: float = 0.01,
-        rescale: bool = False,
     ) -> None:
-        """``density``: kept fraction of each target's task vector, in (0, 1]. ``method``:
-        ``sparsegpt_tv`` or ``magnitude``. ``targets``: decoder-block linears (roles, class names,
-        suffixes, ``re:``), None = all. ``base_model``: folder or name of the base weights, needed
-        when the run resumes from a checkpoint (the weights at the start are then not the base)."""
-        self.density = check_density(density)
-        self.method = check_prune_method(method)
-        if not isinstance(calibration_samples, int) or calibration_samples < 1:
-            raise ValueError(
-                f"calibration_samples must be a positive integer, got {calibration_samples!r}"
-            )
-        self.calibration_samples = calibration_samples
-        self.targets = targets
+        """``base_model``: folder or name of the base weights, needed when the run resumes from
+        a checkpoint (the weights at the start are then not the base). ``apply_to_model``: the
+        trained model's weights become base + pruned task vector."""
+        config = config if config is not None else TaskVectorPruneConfig()
+        if not isinstance(config, TaskVectorPruneConfig):
+            raise TypeError(f"config must be a TaskVectorPruneConfig, got {type(config).__name__}")
+        self.config = config
         self.output_subdir = output_subdir
         self.base_model = base_model
         self.apply_to_model = apply_to_model
-        self.options = ObsOptions(block_size, dampening, rescale)
+        self.options = ObsOptions(config.block_size, config.dampening, config.rescale)
         self.base_weights: dict[str, torch.Tensor] = {}
         self.hessians: dict[str, torch.Tensor] | None = None
         self.errors: dict[str, float] = {}
         self.saved_to: Path | None = None
 
     def _linears(self, model) -> dict:
-        grouped = target_linears(model, self.targets)
+        grouped = target_linears(model, self.config.targets)
         return {name: module for linears in grouped.values() for name, module in linears.items()}
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -94,7 +91,7 @@ class TaskVectorPruneCallback(TrainerCallback):
             raise ValueError("TaskVectorPruneCallback needs the model (run it inside a Trainer)")
         base = model
         if self.base_model is not None:
-            from hf_sparse.pipeline import load_model_and_tokenizer
+            from hf_sparse.loading import load_model_and_tokenizer
 
             base, _ = load_model_and_tokenizer(str(self.base_model))
             base.to(next(model.parameters()).device)
@@ -107,11 +104,13 @@ class TaskVectorPruneCallback(TrainerCallback):
         self.base_weights = {
             name: module.weight.detach().float().cpu().clone() for name, module in linears.items()
         }
-        if self.method == "sparsegpt_tv":
-            samples = _first_samples(train_dataloader, self.calibration_samples)
+        if self.config.method == "sparsegpt_tv":
+            samples = _first_samples(train_dataloader, self.config.calibration_samples)
             self.hessians = base_hessians(base, samples, linears)
         logger.info(
-            "task-vector pruning: %d target linears remembered (%s)", len(linears), self.method
+            "task-vector pruning: %d target linears remembered (%s)",
+            len(linears),
+            self.config.method,
         )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -123,8 +122,9 @@ class TaskVectorPruneCallback(TrainerCallback):
             for name, module in linears.items()
         }
         transposed = stored_to_matrix_names(model, deltas)
+        config = self.config
         pruned, self.errors = prune_deltas(
-            deltas, self.method, self.density, self.hessians, transposed, self.options
+            deltas, config.method, config.density, self.hessians, transposed, self.options
         )
         if state.is_world_process_zero:
             base_copy = copy.deepcopy(model).cpu()
@@ -132,18 +132,23 @@ class TaskVectorPruneCallback(TrainerCallback):
             with torch.no_grad():
                 for name, weight in self.base_weights.items():
                     base_modules[name].weight.copy_(weight)
-            summary = {
-                "method": self.method,
-                "density": self.density,
-                "global_step": state.global_step,
-                "relative_output_error": self.errors,
-                "mean_relative_output_error": (
-                    sum(self.errors.values()) / len(self.errors) if self.errors else None
-                ),
-            }
+            errors = self.errors
+            record = results_record(
+                "TaskVectorPruneCallback",
+                config=asdict(config),
+                metrics={
+                    "mean_relative_output_error": (
+                        sum(errors.values()) / len(errors) if errors else None
+                    ),
+                },
+                base_model=base_model_id(str(self.base_model) if self.base_model else model),
+                global_step=state.global_step,
+                relative_output_error=errors,
+            )
+            recipe = {"callback": "TaskVectorPruneCallback", "task_vector_prune": asdict(config)}
             output = Path(args.output_dir) / self.output_subdir
             self.saved_to = save_sparse_delta_adapter(
-                base_copy, pruned, output, overwrite=True, summary=summary
+                base_copy, pruned, output, record, recipe, overwrite=True
             )
         if self.apply_to_model:
             with torch.no_grad():
