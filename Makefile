@@ -24,7 +24,7 @@ test: venv
 	$(PY) -m pytest -q
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not real_model and not distributed"
+	$(PY) -m pytest -q -m "not real_model and not distributed and not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check .

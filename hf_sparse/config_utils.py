@@ -59,7 +59,7 @@ def check_keys(values: Any, valid: tuple[str, ...], where: str, kind: str | None
         hints = [
             f"{key!r} -> {close[0]!r}"
             for key in unknown
-            if (close := difflib.get_close_matches(str(key), valid, n=1))
+            if (close := difflib.get_close_matches(str(key), valid, n=1, cutoff=0.7))
         ]
         hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
         raise ValueError(

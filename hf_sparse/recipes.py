@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .config_utils import check_positive_ints, help_field
@@ -45,6 +46,15 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("num_samples", "sequence_length", "batch_size"), "calibration")
 
+    def windows(self, tokenizer) -> torch.Tensor:
+        """``[num_samples, sequence_length]`` token ids drawn from the dataset with ``seed``."""
+        from .data import calibration_windows
+
+        return calibration_windows(
+            tokenizer, self.dataset, self.num_samples, self.sequence_length, self.seed,
+            self.text_field,
+        )  # fmt: skip
+
 
 @dataclass
 class EvaluationConfig:
@@ -53,6 +63,14 @@ class EvaluationConfig:
     num_windows: int | None = help_field("First N windows; None = the whole text.", 32)
     batch_size: int = help_field("Windows per forward pass.", 4)
     text_field: str = help_field("Column holding the text in jsonl/parquet data.", "text")
+
+    def windows(self, tokenizer) -> torch.Tensor:
+        """The first ``num_windows`` non-overlapping windows of the evaluation text."""
+        from .data import evaluation_windows
+
+        return evaluation_windows(
+            tokenizer, self.dataset, self.sequence_length, self.num_windows, self.text_field
+        )
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,25 @@ def build_word_tokenizer(text: str, max_vocab: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
 
 
+def tiny_training_args(output_dir, **overrides):
+    """``TrainingArguments`` for a few CPU steps on tiny models (no saving, no logging)."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
 @pytest.fixture
 def tiny_model():
     """Factory fixture: ``tiny_model("llama")`` -> a fresh seeded tiny model of that family."""

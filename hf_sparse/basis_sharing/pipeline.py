@@ -97,7 +97,6 @@ def run_basis_sharing_recipe(
     recipe: BasisSharingRecipe, overwrite: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
     """Compress the recipe's model, measure perplexity when asked, save the adapter."""
-    from ..data import calibration_windows, evaluation_windows
     from ..evaluation import perplexity
     from ..io import atomic_output_dir
     from ..loading import base_model_id, load_checked
@@ -110,29 +109,22 @@ def run_basis_sharing_recipe(
     config = recipe.config()
     model, tokenizer = load_checked(recipe.model, recipe.output_dir, overwrite)
     make_plan(model, config)  # shape checks before calibration
-    cal = recipe.calibration
-    calibration = None
-    if config.whitening or config.update_coefficients:
-        calibration = calibration_windows(
-            tokenizer, cal.dataset, cal.num_samples, cal.sequence_length, cal.seed, cal.text_field
-        )
+    needs_data = config.whitening or config.update_coefficients
+    calibration = recipe.calibration.windows(tokenizer) if needs_data else None
     metrics: dict[str, Any] = {}
-    windows = None
-    if recipe.evaluation is not None:
-        ev = recipe.evaluation
-        windows = evaluation_windows(
-            tokenizer, ev.dataset, ev.sequence_length, ev.num_windows, ev.text_field
-        )
+    ev, windows = recipe.evaluation, None
+    if ev is not None:
+        windows = ev.windows(tokenizer)
         metrics["dense"] = perplexity(model, windows, ev.batch_size, show_progress).to_dict()
     start = time.perf_counter()
     peft_model = get_basis_sharing_model(
-        model, config, calibration=calibration, batch_size=cal.batch_size
+        model, config, calibration=calibration, batch_size=recipe.calibration.batch_size
     )
     seconds = time.perf_counter() - start
     counts = peft_model.base_model.parameter_counts()
     metrics["parameters"] = counts
     if windows is not None:
-        ppl = perplexity(peft_model, windows, recipe.evaluation.batch_size, show_progress)
+        ppl = perplexity(peft_model, windows, ev.batch_size, show_progress)
         metrics["compressed"] = ppl.to_dict()
     record = results_record(
         "basis_sharing",

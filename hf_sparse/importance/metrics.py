@@ -34,8 +34,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import StatsCollector, all_reduce_stats
+from ..linalg import damped_inverse_cholesky
 from ..models import is_linear, weight_matrix
-from ..pruning.core import damped_inverse_cholesky, wanda_scores
+from .core import wanda_scores
 from .distributed import all_reduce_, sum_across_ranks
 from .samples import as_samples
 from .selection import select_parameters

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..calibration import StatsCollector, all_reduce_stats, broadcast_block, run_sequential
+from ..linalg import damped_inverse_cholesky
 from ..models import target_linears, weight_matrix
-from ..pruning.core import damped_inverse_cholesky
 from .config import MergeConfig, MergeSource
 from .core import (
     MergeRule,

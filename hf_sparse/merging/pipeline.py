@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from ..config_utils import check_keys, from_dict, to_dict
-from ..data import calibration_windows, evaluation_windows
 from ..evaluation import perplexity
 from ..io import atomic_output_dir, check_output_dir
 from ..loading import base_model_id, load_model_and_tokenizer
@@ -173,19 +172,7 @@ class MergeRun:
 def _calibration_streams(recipe: MergeRecipe, tokenizer) -> list[torch.Tensor] | None:
     if not recipe.config.needs_calibration:
         return None
-    streams = []
-    for own in recipe.task_calibration:
-        cal = own or recipe.calibration
-        streams.append(
-            calibration_windows(
-                tokenizer,
-                cal.dataset,
-                cal.num_samples,
-                cal.sequence_length,
-                cal.seed,
-                cal.text_field,
-            )
-        )
+    streams = [(own or recipe.calibration).windows(tokenizer) for own in recipe.task_calibration]
     if all(c is None for c in recipe.task_calibration):
         return streams[:1]  # one shared set
     return streams
@@ -206,12 +193,9 @@ def run_merge_recipe(
     check_sources(model, infos, recipe.base_model, recipe.config.check_base)
     streams = _calibration_streams(recipe, tokenizer)
     metrics: dict[str, Any] = {}
-    eval_windows = None
-    if recipe.evaluation is not None:
-        ev = recipe.evaluation
-        eval_windows = evaluation_windows(
-            tokenizer, ev.dataset, ev.sequence_length, ev.num_windows, ev.text_field
-        )
+    ev, eval_windows = recipe.evaluation, None
+    if ev is not None:
+        eval_windows = ev.windows(tokenizer)
         metrics["base"] = perplexity(model, eval_windows, ev.batch_size, show_progress).to_dict()
     calibration = recipe.calibration or next((c for c in recipe.task_calibration if c), None)
     batch_size = calibration.batch_size if calibration is not None else 8

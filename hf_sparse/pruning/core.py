@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..importance.core import wanda_scores
+from ..linalg import damped_inverse_cholesky
+
 logger = logging.getLogger(__name__)
 
 
@@ -107,16 +110,6 @@ def magnitude_mask(
     return keep_mask_from_scores(weight.detach().abs().float(), sparsity, pattern)
 
 
-def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
-    """Wanda importance ``|W_ij| * ||X_j||_2`` from the summed squares of each input column."""
-    if input_sq_norms.shape != (weight.shape[1],):
-        raise ValueError(
-            f"shape mismatch: input norms have shape {tuple(input_sq_norms.shape)}, "
-            f"expected ({weight.shape[1]},) for a weight of shape {tuple(weight.shape)}"
-        )
-    return weight.detach().abs().float() * input_sq_norms.float().sqrt().unsqueeze(0)
-
-
 def wanda_mask(
     weight: torch.Tensor,
     input_sq_norms: torch.Tensor,
@@ -125,36 +118,6 @@ def wanda_mask(
 ) -> torch.Tensor:
     """Wanda keep-mask: scores compared within each output row (the paper's default)."""
     return keep_mask_from_scores(wanda_scores(weight, input_sq_norms), sparsity, pattern, True)
-
-
-def damped_inverse_cholesky(
-    hessian: torch.Tensor, damp: float = 0.01, max_tries: int = 6
-) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)^-1`` with ``λ = damp * mean(diag H)``.
-
-    Dead inputs (zero diagonal) get a unit diagonal. When the factorisation fails the
-    damping grows tenfold, up to ``max_tries`` times, with a warning each time.
-    """
-    h = hessian.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean_diag = torch.diag(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for attempt in range(max_tries):
-        lam = damp * (10**attempt) * mean_diag
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
-        logger.warning(
-            "Cholesky failed with damping %.3g; retrying with %.3g", float(lam), float(lam) * 10
-        )
-    raise RuntimeError(
-        f"Hessian is not positive definite even with damping {damp * 10 ** (max_tries - 1)} x "
-        "mean(diag): check the calibration data (NaN/inf activations?)"
-    )
 
 
 def obs_prune(

@@ -20,6 +20,7 @@ Lifecycle of ``oneshot(model, recipe)``:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from ..config_utils import check_keys, from_dict, to_dict
-from ..data import calibration_windows, evaluation_windows
 from ..evaluation import perplexity, sparsity_report
 from ..io import atomic_output_dir, check_output_dir
 from ..loading import base_model_id, load_model_and_tokenizer
@@ -141,23 +141,16 @@ def oneshot(
         if tokenizer is None:
             raise ValueError("a tokenizer is needed to build calibration windows from text")
         cal = recipe.calibration
-        calibration = calibration_windows(
-            tokenizer,
-            dataset or cal.dataset,
-            cal.num_samples,
-            cal.sequence_length,
-            cal.seed,
-            cal.text_field,
-        )
+        if dataset is not None:
+            cal = dataclasses.replace(cal, dataset=dataset)
+        calibration = cal.windows(tokenizer)
     else:
         calibration = None
     metrics: dict[str, Any] = {}
     eval_windows = None
-    if recipe.evaluation is not None and tokenizer is not None:
-        ev = recipe.evaluation
-        eval_windows = evaluation_windows(
-            tokenizer, ev.dataset, ev.sequence_length, ev.num_windows, ev.text_field
-        )
+    ev = recipe.evaluation
+    if ev is not None and tokenizer is not None:
+        eval_windows = ev.windows(tokenizer)
         metrics["dense"] = perplexity(model, eval_windows, ev.batch_size, show_progress).to_dict()
     result = prune_(
         model, recipe.pruning, calibration, recipe.calibration.batch_size, show_progress

@@ -29,6 +29,7 @@ def _files(tmp_path):
     return {"lambada": lambada, "hellaswag": hellaswag}
 
 
+@pytest.mark.slow  # lm-eval task set-up: ~15 s
 def test_local_tasks_run_in_memory(tmp_path):
     tokenizer = build_word_tokenizer(WORDS)
     tokenizer.eos_token = "[UNK]"

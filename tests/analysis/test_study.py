@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
@@ -36,6 +35,7 @@ def _config(tmp_path, **overrides) -> AnalysisConfig:
     return AnalysisConfig(**values)
 
 
+@pytest.mark.slow  # a whole study and its report: ~12 s
 def test_study_writes_every_file_and_the_report_matches_the_json(setup):
     model, tokenizer, tmp = setup
     out = tmp / "study"
@@ -106,27 +106,20 @@ def test_run_errors_come_before_work(setup):
     assert not (tmp / "a").exists() and not (tmp / "b").exists()
 
 
-def test_cli_analyze_and_the_shipped_recipe(setup, capsys):
-    import yaml
-
+def test_cli_analyze_builds_the_recipe_from_flags_and_checks_first(setup, capsys):
+    """The shipped recipe runs in tests/test_recipes.py; here the alias's own flags."""
     from hf_sparse.cli import main
 
     model, tokenizer, tmp = setup
     model.save_pretrained(tmp / "tiny")
     tokenizer.save_pretrained(tmp / "tiny")
-    recipe = yaml.safe_load(
-        (Path(__file__).parents[2] / "recipes" / "critical-weights.yaml").read_text()
-    )
-    text = str(tmp / "text.txt")
-    recipe["analysis"].update(
-        dataset=text, eval_dataset=text, num_samples=2, sequence_length=16, eval_windows=2,
-        eval_length=16, top_k=20, progressive_k=[5, 20], stability_seeds=[0, 1],
-        single_weight_candidates=2, control_seeds=1, n_clusters=2,
-    )  # fmt: skip
-    recipe.update(model=str(tmp / "tiny"), output_dir=str(tmp / "study"))
-    (tmp / "study.yaml").write_text(yaml.safe_dump(recipe))
-    assert main(["analyze", str(tmp / "study.yaml")]) == 0
-    assert "most damaging single weight" in capsys.readouterr().out
-    assert (tmp / "study" / "report.html").exists()
-    assert main(["run", str(tmp / "study.yaml")]) == 2  # exists, no --overwrite
+    argv = ["analyze", str(tmp / "tiny"), "--output-dir", str(tmp / "study")]
+    assert main([*argv, "--top-k", "5", "--top-k-percent", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*argv, "--metric", "snr"]) == 2
+    assert "unknown metric 'snr'" in capsys.readouterr().err
+    (tmp / "study").mkdir()
+    (tmp / "study" / "keep.txt").write_text("x")
+    assert main(argv) == 2  # exists, no --overwrite: refused before any work
     assert "already exists" in capsys.readouterr().err
+    assert (tmp / "study" / "keep.txt").read_text() == "x"

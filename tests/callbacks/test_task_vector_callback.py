@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_token_windows
+from conftest import build_tiny_model, make_token_windows, tiny_training_args
 from hf_sparse.callbacks import TaskVectorPruneCallback
 from peft import PeftModel
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_sparse.merging import TaskVectorPruneConfig
 from hf_sparse.outputs import read_results
@@ -15,22 +15,6 @@ from hf_sparse.outputs import read_results
 
 def examples(n: int = 16, length: int = 12) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": w, "labels": w.clone()} for w in make_token_windows(n=n, length=length)]
-
-
-def training_args(tmp_path, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +27,10 @@ def test_pruned_delta_adapter_loads_on_the_base(tmp_path, arch, method):
     config = TaskVectorPruneConfig(density=0.25, method=method, calibration_samples=8)
     callback = TaskVectorPruneCallback(config)
     Trainer(
-        model=model, args=training_args(tmp_path), train_dataset=examples(), callbacks=[callback]
+        model=model,
+        args=tiny_training_args(tmp_path),
+        train_dataset=examples(),
+        callbacks=[callback],
     ).train()
     folder = tmp_path / "pruned_task_vector"
     assert (folder / "adapter_model.safetensors").exists()
@@ -76,7 +63,10 @@ def test_apply_to_model_writes_base_plus_pruned_delta(tmp_path):
     config = TaskVectorPruneConfig(density=0.5, targets=["down"], calibration_samples=4)
     callback = TaskVectorPruneCallback(config, apply_to_model=True)
     Trainer(
-        model=model, args=training_args(tmp_path), train_dataset=examples(), callbacks=[callback]
+        model=model,
+        args=tiny_training_args(tmp_path),
+        train_dataset=examples(),
+        callbacks=[callback],
     ).train()
     base_params = dict(base.named_parameters())
     for name, param in model.named_parameters():
@@ -91,12 +81,12 @@ def test_bad_settings_and_resume_without_base_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must be one of"):
         TaskVectorPruneConfig(method="dare_ties")
     model = build_tiny_model("llama")
-    args = training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
+    args = tiny_training_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
     Trainer(model=model, args=args, train_dataset=examples()).train()
     callback = TaskVectorPruneCallback(TaskVectorPruneConfig(density=0.5, method="magnitude_prune"))
     trainer = Trainer(
         model=build_tiny_model("llama"),
-        args=training_args(tmp_path, max_steps=4),
+        args=tiny_training_args(tmp_path, max_steps=4),
         train_dataset=examples(),
         callbacks=[callback],
     )

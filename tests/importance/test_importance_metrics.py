@@ -81,6 +81,7 @@ def test_hutchinson_converges_to_the_hessian_diagonal():
     assert not torch.allclose(few["w"], a.diagonal(), rtol=0.01)  # a 1-probe estimate is noisy
 
 
+@pytest.mark.slow  # exact Hessian diagonal by double backward: ~3 s
 def test_hutchinson_on_a_tiny_lm_matches_the_exact_diagonal():
     model = build_tiny_model("llama")
     name = "model.layers.1.input_layernorm.weight"  # 32 entries: exact Hessian is cheap

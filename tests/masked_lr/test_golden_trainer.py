@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_word_tokenizer, make_token_windows
+from conftest import build_tiny_model, build_word_tokenizer, make_token_windows, tiny_training_args
 from hf_sparse.callbacks import GoldenMaskCallback
 from hf_sparse.callbacks.masked_lr import GOLDEN_MASKS_FILE
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_sparse.masked_lr import GoldenConfig, GoldenParamsTrainer
 from hf_sparse.masks import ParameterMasks
@@ -19,22 +19,6 @@ TARGET = "model.layers.1.mlp.up_proj.weight"
 def examples(n: int = 16, length: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     windows = make_token_windows(n=n, length=length, seed=seed)
     return [{"input_ids": w, "labels": w.clone()} for w in windows]
-
-
-def training_args(tmp_path, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path),
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
 
 
 def one_mask(model, name: str = TARGET, seed: int = 0) -> ParameterMasks:
@@ -52,7 +36,7 @@ def test_masked_lr_trains_only_the_masked_entries(tmp_path):
     masks = one_mask(model)
     before = snapshot(model)
     trainer = GoldenParamsTrainer(
-        model=model, args=training_args(tmp_path), train_dataset=examples(), masks=masks
+        model=model, args=tiny_training_args(tmp_path), train_dataset=examples(), masks=masks
     )
     trainer.train()
     after = snapshot(model)
@@ -70,7 +54,7 @@ def test_outside_scale_and_unfrozen_tensors(tmp_path):
     before = snapshot(model)
     trainer = GoldenParamsTrainer(
         model=model,
-        args=training_args(tmp_path, max_steps=1, lr_scheduler_type="constant"),
+        args=tiny_training_args(tmp_path, max_steps=1, lr_scheduler_type="constant"),
         train_dataset=examples(),
         masks=masks,
         outside_lr_scale=0.1,
@@ -92,7 +76,7 @@ def test_golden_params_and_generation_comparison(tmp_path):
     model = build_tiny_model("llama")
     trainer = GoldenParamsTrainer(
         model=model,
-        args=training_args(tmp_path),
+        args=tiny_training_args(tmp_path),
         train_dataset=examples(),
         processing_class=build_word_tokenizer("a b c d e f g h"),
     )
@@ -114,7 +98,7 @@ def test_callback_computes_masks_saves_and_resumes(tmp_path):
     callback = GoldenMaskCallback(
         GoldenConfig(top_k_percent=40, num_samples=4, params=["gate", "up"])
     )
-    args = training_args(tmp_path, save_strategy="steps", save_steps=2)
+    args = tiny_training_args(tmp_path, save_strategy="steps", save_steps=2)
     before = snapshot(model)
     trainer = GoldenParamsTrainer(
         model=model, args=args, train_dataset=examples(), callbacks=[callback]
@@ -144,7 +128,7 @@ def test_callback_with_a_plain_optimizer_names_the_fix(tmp_path):
     masks_file = one_mask(model).save(tmp_path / "m.safetensors")
     trainer = Trainer(
         model=model,
-        args=training_args(tmp_path),
+        args=tiny_training_args(tmp_path),
         train_dataset=examples(),
         callbacks=[GoldenMaskCallback(masks_file=masks_file)],
     )
@@ -157,7 +141,7 @@ def test_masks_for_another_model_are_refused(tmp_path):
     bad = ParameterMasks({"model.layers.9.mlp.up_proj.weight": torch.ones(2, 2, dtype=bool)})
     with pytest.raises(ValueError, match="does not have"):
         GoldenParamsTrainer(
-            model=model, args=training_args(tmp_path), train_dataset=examples(), masks=bad
+            model=model, args=tiny_training_args(tmp_path), train_dataset=examples(), masks=bad
         )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GoldenMaskCallback(masks_file=tmp_path / "missing.safetensors")
@@ -169,7 +153,7 @@ def test_masks_for_another_model_are_refused(tmp_path):
 
 def test_golden_params_on_raw_examples_name_the_fix(tmp_path):
     trainer = GoldenParamsTrainer(
-        model=build_tiny_model("llama"), args=training_args(tmp_path), train_dataset=examples()
+        model=build_tiny_model("llama"), args=tiny_training_args(tmp_path), train_dataset=examples()
     )
     with pytest.raises(ValueError, match="no 'input_ids'.*prompt_fn="):
         trainer.get_golden_params(GoldenConfig(num_samples=1), dataset=[{"text": "raw"}])

@@ -5,6 +5,7 @@ A plain module, not a conftest.py: test folders hold no conftest of their own, s
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,7 @@ from tests.conftest import build_tiny_model
 
 def perturbed_copy(base: torch.nn.Module, seed: int, scale: float = 0.05, only=(".layers.", ".h.")):
     """A fine-tune stand-in: the base with seeded noise on the decoder blocks' matrices."""
-    model = build_tiny_model(base.config.model_type)
-    model.load_state_dict(base.state_dict())
+    model = copy.deepcopy(base)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

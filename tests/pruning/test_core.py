@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
+from hf_sparse.linalg import damped_inverse_cholesky
 from hf_sparse.pruning.core import (
     NMPattern,
-    damped_inverse_cholesky,
     keep_mask_from_scores,
     magnitude_mask,
     obs_prune,

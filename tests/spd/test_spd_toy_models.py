@@ -44,6 +44,7 @@ def test_sparse_features_have_the_asked_density_and_range():
     assert float(x.min()) >= -1 and float(x.max()) <= 1 and float(x.min()) < 0
 
 
+@pytest.mark.slow  # trains a toy model: ~1 s
 def test_tms_trains_to_superposition_with_tied_weights():
     config = TMSConfig()
     model = build_toy_model(config, seed=0)
@@ -55,6 +56,7 @@ def test_tms_trains_to_superposition_with_tied_weights():
     assert int((norms > 0.5).sum()) >= 4  # most of the 5 features represented in 2 dims
 
 
+@pytest.mark.slow  # trains a toy model per seed: ~1 s each
 @pytest.mark.parametrize("seed", [1, 3])
 def test_zero_output_bias_lets_tms_represent_every_feature(seed):
     # From PyTorch's random bias init these seeds keep 2 of the 5 features.

@@ -56,6 +56,7 @@ def _faithfulness(model) -> float:
         )
 
 
+@pytest.mark.slow  # a short SPD training per case: ~1 s
 @pytest.mark.parametrize("tied", [None, {"linear2": "linear1"}], ids=["untied", "tied"])
 def test_trainer_warms_up_logs_each_term_and_learns(tms, tmp_path, tied):
     config, target = tms

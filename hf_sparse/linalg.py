@@ -1,0 +1,40 @@
+"""Linear algebra shared by the methods that solve with a layer-input Hessian (SparseGPT's OBS
+solver, SparseGPT-pruned task vectors, OBS saliency): damping before Cholesky, with retries."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def damped_inverse_cholesky(
+    hessian: torch.Tensor, damp: float = 0.01, max_tries: int = 6
+) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)^-1`` with ``λ = damp * mean(diag H)``.
+
+    Dead inputs (zero diagonal) get a unit diagonal. When the factorisation fails the
+    damping grows tenfold, up to ``max_tries`` times, with a warning each time.
+    """
+    h = hessian.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = torch.diag(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(max_tries):
+        lam = damp * (10**attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+        logger.warning(
+            "Cholesky failed with damping %.3g; retrying with %.3g", float(lam), float(lam) * 10
+        )
+    raise RuntimeError(
+        f"Hessian is not positive definite even with damping {damp * 10 ** (max_tries - 1)} x "
+        "mean(diag): check the calibration data (NaN/inf activations?)"
+    )
