@@ -148,6 +148,20 @@ def build_tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
+def avoid_expert(expert: int):
+    """Forward hook for a Mixtral-style top-k router: route as usual but never to ``expert``
+    (an expert that sees no calibration token)."""
+
+    def hook(module, _args, output):
+        router_logits, scores, _ = output
+        masked = router_logits.clone()
+        masked[:, expert] = float("-inf")
+        top, indices = torch.softmax(masked.float(), dim=-1).topk(module.top_k, dim=-1)
+        return router_logits, (top / top.sum(-1, keepdim=True)).to(scores.dtype), indices
+
+    return hook
+
+
 def make_token_windows(vocab: int = VOCAB, n: int = 4, length: int = 16, seed: int = 0):
     """``[n, length]`` random token ids below ``vocab``, from a seeded generator."""
     generator = torch.Generator().manual_seed(seed)

@@ -22,6 +22,7 @@ from conftest import (
     HIDDEN,
     MOE_ARCHS,
     SLIDING_WINDOW,
+    avoid_expert,
     build_tiny_model,
     make_token_windows,
 )
@@ -415,24 +416,11 @@ def test_basis_sharing_and_reload(arch, tmp_path, caplog):
 # MoE: an expert that no calibration token reaches.
 
 
-def _avoid_expert(expert: int):
-    """Forward hook for a Mixtral router: route as usual, but never to ``expert``."""
-
-    def hook(module, _args, output):
-        router_logits, scores, _ = output
-        masked = router_logits.clone()
-        masked[:, expert] = float("-inf")
-        top, indices = torch.softmax(masked.float(), dim=-1).topk(module.top_k, dim=-1)
-        return router_logits, (top / top.sum(-1, keepdim=True)).to(scores.dtype), indices
-
-    return hook
-
-
 @pytest.mark.parametrize("method", sorted(PRUNERS))
 def test_expert_without_tokens_falls_back_to_magnitude(method, caplog):
     model = build_tiny_model("mixtral")
     mlp = model.model.layers[0].mlp
-    handle = mlp.gate.register_forward_hook(_avoid_expert(3))
+    handle = mlp.gate.register_forward_hook(avoid_expert(3))
     originals = {
         p: getattr(mlp.experts, p)[3].detach().clone() for p in ("gate_up_proj", "down_proj")
     }
