@@ -62,11 +62,13 @@ def _strip(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX).replace(".base_layer", "")
 
 
-def _dense_linears(model: nn.Module, blocks: str | None) -> list[dict[str, nn.Module]]:
+def _dense_linears(
+    model: nn.Module, blocks: str | None, warn: bool = False
+) -> list[dict[str, nn.Module]]:
     """Per decoder block: its ``nn.Linear`` / ``Conv1D`` layers (routers excluded).
 
-    Stacked MoE experts are not layers PEFT can replace: they stay dense, with a warning (the
-    parameter counts of the plan show what was compressed).
+    Stacked MoE experts are not layers PEFT can replace: they stay dense, with a warning when
+    planning (the parameter counts of the plan show what was compressed).
     """
     per_block, experts = [], set()
     for linears in target_linears(model, targets=None, ignore=("lm_head",), blocks=blocks).values():
@@ -77,7 +79,7 @@ def _dense_linears(model: nn.Module, blocks: str | None) -> list[dict[str, nn.Mo
             else:
                 dense[name] = module
         per_block.append(dense)
-    if experts:
+    if experts and warn:
         logger.warning(
             "basis sharing compresses nn.Linear layers only: the stacked MoE experts %s stay "
             "dense (routers too)",
@@ -89,7 +91,7 @@ def _dense_linears(model: nn.Module, blocks: str | None) -> list[dict[str, nn.Mo
 def _linears_by_role(model: nn.Module, blocks: str | None) -> list[dict[str, str]]:
     """Per decoder block: ``{role: module name}`` of its linear layers."""
     per_block = []
-    for linears in _dense_linears(model, blocks):
+    for linears in _dense_linears(model, blocks, warn=True):
         roles: dict[str, str] = {}
         for name in linears:
             role = linear_role(name)
