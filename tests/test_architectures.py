@@ -24,15 +24,17 @@ from conftest import (
     SLIDING_WINDOW,
     avoid_expert,
     build_tiny_model,
+    build_word_tokenizer,
     make_token_windows,
 )
 from peft import PeftModel
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import hf_sparse  # noqa: F401  (registers MASKED_LR and BASIS_SHARING before from_pretrained)
 from hf_sparse.basis_sharing import BasisSharingConfig, get_basis_sharing_model
 from hf_sparse.calibration import run_sequential
+from hf_sparse.cli import main
 from hf_sparse.importance import compute_importance, default_parameters, golden_masks
 from hf_sparse.masked_lr import MaskedLRConfig, get_masked_lr_model
 from hf_sparse.models import (
@@ -438,6 +440,31 @@ def test_expert_without_tokens_falls_back_to_magnitude(method, caplog):
         torch.testing.assert_close(getattr(mlp.experts, param)[3], original * expected)
     # The other experts of that block were calibrated and pruned by the method itself.
     assert len([n for n in result.masks if ".experts." in n]) == 2 * 2 * 4
+
+
+# The command line: `hf-sparse prune` needs no --blocks for any family of the table.
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_cli_prune_without_blocks(arch, tmp_path, capsys, monkeypatch):
+    # The folder holds our word-level tokenizer; AutoTokenizer would build Qwen2's own BPE
+    # class for a qwen2 config and drop every word, so load the tokenizer file as it is.
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", PreTrainedTokenizerFast.from_pretrained)
+    words = " ".join(f"w{i % 97}" for i in range(400))
+    folder = tmp_path / arch
+    build_tiny_model(arch).save_pretrained(folder)
+    build_word_tokenizer(words).save_pretrained(folder)
+    (tmp_path / "text.txt").write_text(words)
+    out = tmp_path / "pruned"
+    code = main(
+        ["prune", str(folder), "--method", "wanda", "--sparsity", "0.5", "--dataset",
+         str(tmp_path / "text.txt"), "--num-samples", "2", "--sequence-length", "16",
+         "--no-eval", "--output-dir", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    assert "sparsity:           50.00%" in capsys.readouterr().out
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert pruned.config.sparsity["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
 # Errors that name why and what to pass.
