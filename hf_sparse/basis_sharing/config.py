@@ -108,7 +108,8 @@ class BasisSharingConfig(PeftConfig):
         True,
     )
     blocks: str | None = help_field(
-        "Dotted path (or re: pattern) of the decoder-block ModuleList for unknown architectures.",
+        "Dotted path (or re: pattern) of the decoder-block ModuleList. None = found from the "
+        "model's `_no_split_modules`.",
         None,
     )
     target_modules: list[str] | str | None = help_field(
