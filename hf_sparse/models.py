@@ -157,9 +157,11 @@ def select_linears(
     return chosen
 
 
-def _check_stacked_weights(blocks: list[tuple[str, nn.Module]], ignore: list[str]) -> None:
-    """Stacked (3-D+) weights that are neither experts we can split nor routers must be
-    ignored explicitly: silently leaving them dense would misreport the sparsity."""
+def _check_stacked_weights(
+    blocks: list[tuple[str, nn.Module]], targets: list[str] | None, ignore: list[str]
+) -> None:
+    """Targeted stacked (3-D+) weights that are neither experts we can split nor routers must
+    be ignored explicitly: silently leaving them dense would misreport the sparsity."""
     for block_name, block in blocks:
         for name, module in block.named_modules():
             full = f"{block_name}.{name}" if name else block_name
@@ -169,13 +171,16 @@ def _check_stacked_weights(blocks: list[tuple[str, nn.Module]], ignore: list[str
                 qualified = f"{full}.{param}"
                 if any(matches_pattern(qualified, module, p) for p in ignore):
                     continue
+                if targets is not None and not any(
+                    matches_pattern(qualified, module, t) for t in targets
+                ):
+                    continue
                 shape = tuple(getattr(module, param).shape)
                 raise UnsupportedArchitectureError(
                     f"{qualified} is a stacked {shape} weight of {type(module).__name__} that "
                     "hf_sparse cannot split into [out, in] matrices (it is not a transformers "
                     "experts module with the use_experts_implementation layout); leave it dense "
-                    f"with ignore=[..., 're:{re.escape(full)}'] or pass blocks=/targets= that "
-                    "exclude it"
+                    f"with ignore=[..., 're:{re.escape(full)}'] (or targets= that do not match it)"
                 )
 
 
@@ -194,7 +199,7 @@ def target_linears(
     """
     ignore = list(ignore)
     decoder_blocks = find_decoder_blocks(model, blocks)
-    _check_stacked_weights(decoder_blocks, ignore)
+    _check_stacked_weights(decoder_blocks, targets, ignore)
     candidates = {name: list(block_linears(name, block)) for name, block in decoder_blocks}
     grouped = {name: select_linears(named, targets, ignore) for name, named in candidates.items()}
     if targets is not None:

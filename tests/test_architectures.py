@@ -491,6 +491,7 @@ def test_unknown_stacked_weights_raise_naming_ignore():
         prune_(model, WandaConfig(sparsity=0.5), WINDOWS, show_progress=False)
     grouped = target_linears(model, ignore=["lm_head", r"re:mlp\.mystery"])
     assert len(grouped["model.layers.0"]) == 7
+    assert len(target_linears(model, ["q"])["model.layers.0"]) == 1  # not targeted: fine
 
 
 def test_model_without_no_split_modules_asks_for_blocks():
