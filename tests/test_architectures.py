@@ -15,14 +15,12 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import (
     ALL_ARCHS,
     HEADS,
     HIDDEN,
     MOE_ARCHS,
     SLIDING_WINDOW,
-    avoid_expert,
     build_tiny_model,
     build_word_tokenizer,
     make_token_windows,
@@ -48,9 +46,7 @@ from hf_sparse.models import (
     weight_matrix,
 )
 from hf_sparse.moe import is_router
-from hf_sparse.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune_
-from hf_sparse.pruning.apply import NO_TOKENS_FALLBACK
-from hf_sparse.pruning.core import magnitude_mask
+from hf_sparse.pruning import SparseGPTConfig, WandaConfig, prune_
 
 WINDOWS = make_token_windows(n=4, length=16, seed=0)  # calibration
 IDS = make_token_windows(n=2, length=16, seed=1)  # logits comparisons
@@ -167,24 +163,6 @@ def test_blocks_and_targets_found_without_blocks(arch):
         assert len(experts) == sum(p.shape[0] for p in stacked.values())
         for name, view in experts.items():
             assert find_linear(model, name).weight.data_ptr() == view.weight.data_ptr()
-
-
-@pytest.mark.parametrize("arch", MOE_ARCHS)
-def test_routers_are_never_targets(arch):
-    model = build_tiny_model(arch)
-    routers = {n for n, m in model.named_modules() if n and is_router(n, m)}
-    assert routers
-    for targets in (None, ["re:mlp|moe"], ["re:."]):
-        names = {n for g in target_linears(model, targets).values() for n in g}
-        assert not {n for n in names for r in routers if n == r or n.startswith(r + ".")}
-    assert not [n for n in default_parameters(model) if is_router(n.rpartition(".")[0])]
-
-
-def test_a_router_pattern_says_routers_are_never_pruned():
-    model = build_tiny_model("qwen2_moe")
-    assert isinstance(model.model.layers[0].mlp.shared_expert_gate, nn.Linear)
-    with pytest.raises(ValueError, match="only MoE routers .* never pruned"):
-        target_linears(model, ["shared_expert_gate"])
 
 
 @pytest.mark.parametrize(
@@ -305,26 +283,6 @@ def test_prune_and_reload(arch, method, mask, tmp_path):
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=1e-5)
 
 
-def test_measured_sparsity_counts_the_weights_not_the_masks():
-    model = build_tiny_model("mixtral")
-    with torch.no_grad():
-        model.model.layers[0].mlp.experts.down_proj[1].zero_()  # zero before pruning
-    result = prune_step(model, "wanda", "unstructured")
-    state = model.state_dict()
-    zeros = sum(int((stored_matrix(state, n) == 0).sum()) for n in result.masks)
-    total = sum(stored_matrix(state, n).numel() for n in result.masks)
-    assert result.measured_sparsity == pytest.approx(zeros / total)
-    assert result.measured_sparsity > result.sparsity + 0.01  # the masks keep some zeros
-
-
-def test_magnitude_prunes_stacked_experts():
-    model = build_tiny_model("mixtral")
-    result = prune_(model, MagnitudeConfig(sparsity=0.5), show_progress=False)
-    assert stacked_names(model) <= {n.rpartition(".")[0] for n in result.masks}
-    experts = model.model.layers[0].mlp.experts.down_proj
-    assert (experts == 0).float().mean().item() == pytest.approx(0.5)
-
-
 # Importance scoring.
 
 
@@ -343,34 +301,6 @@ def test_importance_fisher_and_wanda(arch):
         assert sum(float(s.sum()) for s in scores.values()) > 0
         for name in stacked_names(model):
             assert scores[name].flatten(1).sum(1).gt(0).any(), (metric, name)
-
-
-def test_wanda_scores_of_experts_use_the_tokens_routed_to_each():
-    """Reference: per-expert ||X_j|| from the rows the router sent to that expert, written out
-    with the Mixtral expert formula (SiLU(gate) * up, then down)."""
-    model = build_tiny_model("mixtral")
-    experts = model.model.layers[1].mlp.experts
-    seen = []
-    handle = experts.register_forward_hook(lambda _m, args, _o: seen.append(args[:2]))
-    with torch.no_grad():
-        for window in WINDOWS[:2]:
-            model(input_ids=window[None], use_cache=False)
-    handle.remove()
-    names = ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
-    scores = compute_importance(
-        model, WINDOWS[:2], metric="wanda", params=names, show_progress=False
-    )
-    inner = experts.down_proj.shape[2]
-    for e in range(experts.gate_up_proj.shape[0]):
-        rows = torch.cat([h[(idx == e).any(-1)] for h, idx in seen])
-        gate, up = (rows @ experts.gate_up_proj[e].T).split(inner, dim=-1)
-        mid = F.silu(gate) * up
-        for name, x, weight in (
-            (names[0], rows, experts.gate_up_proj[e]),
-            (names[1], mid, experts.down_proj[e]),
-        ):
-            reference = weight.abs() * x.pow(2).sum(0).sqrt()
-            torch.testing.assert_close(scores[name][e], reference.detach(), rtol=1e-4, atol=1e-6)
 
 
 # Golden masks + MASKED_LR.
@@ -415,33 +345,6 @@ def test_basis_sharing_and_reload(arch, tmp_path, caplog):
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
 
 
-# MoE: an expert that no calibration token reaches.
-
-
-@pytest.mark.parametrize("method", sorted(PRUNERS))
-def test_expert_without_tokens_falls_back_to_magnitude(method, caplog):
-    model = build_tiny_model("mixtral")
-    mlp = model.model.layers[0].mlp
-    handle = mlp.gate.register_forward_hook(avoid_expert(3))
-    originals = {
-        p: getattr(mlp.experts, p)[3].detach().clone() for p in ("gate_up_proj", "down_proj")
-    }
-    with caplog.at_level(logging.WARNING, logger="hf_sparse.pruning.apply"):
-        result = prune_step(model, method, "unstructured")
-    handle.remove()
-    starved = {f"model.layers.0.mlp.experts.{p}.3" for p in originals}
-    assert result.fallbacks == dict.fromkeys(starved, NO_TOKENS_FALLBACK)
-    assert model.config.sparsity["fallback_layers"] == result.fallbacks
-    assert "no calibration token" in caplog.text
-    for param, original in originals.items():
-        name = f"model.layers.0.mlp.experts.{param}.3"
-        expected = magnitude_mask(original, 0.5)
-        assert torch.equal(result.masks[name], expected)
-        torch.testing.assert_close(getattr(mlp.experts, param)[3], original * expected)
-    # The other experts of that block were calibrated and pruned by the method itself.
-    assert len([n for n in result.masks if ".experts." in n]) == 2 * 2 * 4
-
-
 # The command line: `hf-sparse prune` needs no --blocks for any family of the table.
 
 
@@ -468,30 +371,6 @@ def test_cli_prune_without_blocks(arch, tmp_path, capsys, monkeypatch):
 
 
 # Errors that name why and what to pass.
-
-
-class _Stacked(nn.Module):
-    """A layer with a 3-D weight that is not a transformers experts module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kernel = nn.Parameter(torch.zeros(2, HIDDEN, HIDDEN))
-
-    def forward(self, x):
-        return x
-
-
-def test_unknown_stacked_weights_raise_naming_ignore():
-    model = build_tiny_model("llama")
-    model.model.layers[0].mlp.mystery = _Stacked()
-    with pytest.raises(UnsupportedArchitectureError, match=r"mlp\.mystery\.kernel.*ignore=") as err:
-        target_linears(model)
-    assert "(2, 32, 32)" in str(err.value)
-    with pytest.raises(UnsupportedArchitectureError):
-        prune_(model, WandaConfig(sparsity=0.5), WINDOWS, show_progress=False)
-    grouped = target_linears(model, ignore=["lm_head", r"re:mlp\.mystery"])
-    assert len(grouped["model.layers.0"]) == 7
-    assert len(target_linears(model, ["q"])["model.layers.0"]) == 1  # not targeted: fine
 
 
 def test_model_without_no_split_modules_asks_for_blocks():
