@@ -41,7 +41,7 @@ from hf_sparse.merging.sparse_delta import (
     save_sparse_delta_adapter,
     stored_to_matrix_names,
 )
-from hf_sparse.models import target_linears
+from hf_sparse.models import reject_expert_views, target_linears
 from hf_sparse.outputs import results_record
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class TaskVectorPruneCallback(TrainerCallback):
 
     def _linears(self, model) -> dict:
         grouped = target_linears(model, self.config.targets)
+        reject_expert_views(grouped, "TaskVectorPruneCallback")
         return {name: module for linears in grouped.values() for name, module in linears.items()}
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):

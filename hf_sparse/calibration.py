@@ -1,9 +1,10 @@
 """Calibration: input statistics of linear layers and the block-by-block sequential engine.
 
 The engine follows SparseGPT's ``llama_sequential``: capture the inputs of the first decoder
-block, then for each block in turn accumulate statistics of its target linears' inputs, let
-the method change the block, and re-run the changed block to produce the next block's inputs.
-Errors of earlier blocks therefore reach the statistics of later ones.
+block (and every block's own arguments: masks and rotary tables differ between sliding-window
+and global layers), then for each block in turn accumulate statistics of its target linears'
+inputs, let the method change the block, and re-run the changed block to produce the next
+block's inputs. Errors of earlier blocks therefore reach the statistics of later ones.
 
 Statistics are sums in float32 (or float64 when asked), all-reduced across ranks when
 ``torch.distributed`` is initialised (``Accelerator(cpu=True)`` under ``torchrun`` does that),
@@ -122,16 +123,31 @@ class StatsCollector:
         self._last: tuple = (None, None, None)
         self._handles: list = []
 
-    def _new_stats(self, module: nn.Module, x: torch.Tensor) -> InputStats:
+    def _new_stats(self, module: nn.Module, x: torch.Tensor | None) -> InputStats:
         if is_linear(module):
             n, device = in_features(module), weight_matrix(module).device
-        else:
+        elif x is not None:
             n, device = x.shape[-1], x.device
+        else:
+            raise RuntimeError(
+                f"{type(module).__name__} saw no input during calibration and has no weight "
+                "matrix to size its statistics (is it used?)"
+            )
         make = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=device)  # noqa: E731
         return InputStats(
             xtx=make(n, n) if self.need_xtx else None,
             sq_norms=make(n) if self.need_sq_norms else None,
         )
+
+    def fill_missing(self) -> list[str]:
+        """Zero statistics (``tokens == 0``) for every layer that saw no input, e.g. an MoE
+        expert no calibration token was routed to; returns their names. Call it before
+        ``all_reduce_stats`` so that every rank reduces the same tensors (another rank may have
+        routed tokens to that expert)."""
+        missing = [name for name in self.linears if name not in self.stats]
+        for name in missing:
+            self.stats[name] = self._new_stats(self.linears[name], None)
+        return missing
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
@@ -172,38 +188,112 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Captured positional/keyword arguments of the first decoder block, one entry per batch."""
+    """Captured inputs of the decoder blocks, one entry per batch: the first block's hidden
+    states and, for each captured block, its other positional and keyword arguments.
+
+    Blocks differ in their arguments: Gemma-2/3, Cohere-2 and Qwen2 with ``layer_types`` give a
+    sliding-window layer a different attention mask than a global one, and Gemma-3 a
+    different rotary table; so every block is replayed with its own arguments.
+    """
 
     hidden: list[torch.Tensor]
-    args: list[tuple]
-    kwargs: list[dict]
+    block_args: list[list[tuple]]  # [block][batch]
+    block_kwargs: list[list[dict]]  # [block][batch]
+
+    @property
+    def args(self) -> list[tuple]:
+        """The first block's positional arguments after the hidden states, per batch."""
+        return self.block_args[0]
+
+    @property
+    def kwargs(self) -> list[dict]:
+        """The first block's keyword arguments, per batch."""
+        return self.block_kwargs[0]
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    kwargs = dict(kwargs)
+    if "hidden_states" in kwargs:
+        return kwargs.pop("hidden_states"), tuple(args), kwargs
+    return args[0], tuple(args[1:]), kwargs
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block while block inputs are captured.
+
+    The model calls it in the block's place, so hooks on the block do not fire; attributes the
+    model reads from its layers (``attention_type``, ...) come from the block.
+    """
+
+    def __init__(self, block: nn.Module, record: Callable) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block  # plain attributes: not submodules
+        self.__dict__["_record"] = record
+
+    def forward(self, *args, **kwargs):
+        return self._record(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+
+def _owner(model: nn.Module, block: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding ``block`` as a child, and the child's key."""
+    for module in model.modules():
+        for key, child in module._modules.items():
+            if child is block:
+                return module, key
+    raise ValueError(f"{type(block).__name__} is not a submodule of the model")
 
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]
+    model: nn.Module,
+    first_block: nn.Module,
+    batches: list[torch.Tensor],
+    later_blocks: list[nn.Module] | tuple[nn.Module, ...] = (),
 ) -> BlockInputs:
-    """Run the model on each batch of token ids until the first block, recording its inputs."""
-    captured = BlockInputs([], [], [])
+    """Run the model on each batch of token ids, recording the inputs of ``first_block`` and
+    of each of ``later_blocks`` (in execution order).
 
-    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        if "hidden_states" in kwargs:
-            hidden = kwargs.pop("hidden_states")
-        else:
-            hidden, args = args[0], args[1:]
-        captured.hidden.append(hidden)
-        captured.args.append(tuple(args))
-        captured.kwargs.append(kwargs)
-        raise _StopForward
+    While capturing, each block is replaced in its parent by a recorder that hands its hidden
+    states straight to the next one, and the forward stops at the last recorded block: no
+    block computes anything (the first one runs once, on the first batch, to learn whether
+    the model expects a tuple back), the LM head never runs, hooks on the blocks never fire.
+    """
+    blocks = [first_block, *later_blocks]
+    captured = BlockInputs([], [[] for _ in blocks], [[] for _ in blocks])
+    tail: list[tuple | None] = []  # what follows the hidden states in a block's output
 
-    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    def recorder(index: int) -> Callable:
+        def record(*args, **kwargs):
+            hidden, rest, named = _split_hidden(args, kwargs)
+            if index == 0:
+                captured.hidden.append(hidden)
+            captured.block_args[index].append(rest)
+            captured.block_kwargs[index].append(named)
+            if index == len(blocks) - 1:
+                raise _StopForward
+            if not tail:
+                output = blocks[0].forward(hidden, *rest, **named)
+                tail.append(tuple(output[1:]) if isinstance(output, tuple | list) else None)
+            return hidden if tail[0] is None else (hidden, *tail[0])
+
+        return record
+
+    owners = [_owner(model, block) for block in blocks]
     try:
+        for index, (block, (parent, key)) in enumerate(zip(blocks, owners, strict=True)):
+            parent._modules[key] = _Recorder(block, recorder(index))
         for batch in batches:
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
     finally:
-        handle.remove()
+        for block, (parent, key) in zip(blocks, owners, strict=True):
+            parent._modules[key] = block
     return captured
 
 
@@ -248,33 +338,35 @@ def run_sequential(
     was_training = model.training
     model.eval()
     try:
+        modules = [block for _, block in decoder_blocks]
         inputs = [
             capture_block_inputs(
-                model, decoder_blocks[0][1], [b.to(device) for b in stream.split(batch_size)]
+                model, modules[0], [b.to(device) for b in stream.split(batch_size)], modules[1:]
             )
             for stream in streams
         ]
         hidden = [captured.hidden for captured in inputs]
         bar = tqdm(decoder_blocks, desc="calibrating blocks", disable=not show_progress)
-        for name, block in bar:
+        for position, (name, block) in enumerate(bar):
+            calls = [
+                list(zip(c.block_args[position], c.block_kwargs[position], strict=True))
+                for c in inputs
+            ]
             finish = process_block(name, block)
             if finish is not None:
                 with torch.no_grad():
-                    for index, (states, captured) in enumerate(zip(hidden, inputs, strict=True)):
+                    for index, (states, stream_calls) in enumerate(zip(hidden, calls, strict=True)):
                         if on_stream is not None:
                             on_stream(index)
-                        for h, a, k in zip(states, captured.args, captured.kwargs, strict=True):
+                        for h, (a, k) in zip(states, stream_calls, strict=True):
                             block(h, *a, **k)
                 finish()
             if after_block is not None:
                 after_block(block)
             with torch.no_grad():
                 hidden = [
-                    [
-                        _block_output(block(h, *a, **k))
-                        for h, a, k in zip(states, captured.args, captured.kwargs, strict=True)
-                    ]
-                    for states, captured in zip(hidden, inputs, strict=True)
+                    [_block_output(block(h, *a, **k)) for h, (a, k) in zip(states, c, strict=True)]
+                    for states, c in zip(hidden, calls, strict=True)
                 ]
     finally:
         model.train(was_training)

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .masks import ParameterMasks
-from .models import is_linear, weight_matrix
+from .models import iter_linears, weight_matrix
 
 
 @dataclass
@@ -93,11 +93,12 @@ class LayerSparsity:
 
 
 def sparsity_report(model: nn.Module, names: list[str] | None = None) -> list[LayerSparsity]:
-    """Zero count of each linear weight (those in ``names``, or every linear layer)."""
+    """Zero count of each linear weight (those in ``names``, or every linear layer; stacked MoE
+    experts one row per expert, ``...experts.down_proj.3``)."""
     wanted = set(names) if names is not None else None
     report = []
-    for name, module in model.named_modules():
-        if not is_linear(module) or (wanted is not None and name not in wanted):
+    for name, module in iter_linears(model):
+        if wanted is not None and name not in wanted:
             continue
         weight = weight_matrix(module)
         report.append(

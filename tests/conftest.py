@@ -1,6 +1,8 @@
 """Shared fixtures: tiny seeded random models of every supported architecture, token windows.
 
 Sizes are multiples of 8 so N:M masks (2:4, 4:8) fit every linear layer's input dimension.
+``ARCHS`` (six families) is what most tests run on; ``ALL_ARCHS`` is the wider table of
+families users bring (``tests/test_architectures.py`` runs every method on each).
 """
 
 from __future__ import annotations
@@ -14,6 +16,26 @@ from transformers import AutoConfig, AutoModelForCausalLM
 pytest_plugins = ["tests.merging.family"]
 
 ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe"]
+ALL_ARCHS = [
+    *ARCHS,
+    "qwen3",
+    *MOE_ARCHS,
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "olmo2",
+    "stablelm",
+    "falcon",
+    "gptj",
+    "bloom",
+    "granite",
+    "smollm3",
+    "cohere",
+    "cohere2",
+]
 
 HIDDEN = 32
 INTERMEDIATE = 64
@@ -31,6 +53,13 @@ _LLAMA_LIKE = dict(
     num_key_value_heads=KV_HEADS,
     max_position_embeddings=MAX_POSITIONS,
     tie_word_embeddings=False,
+)
+_HEAD_DIM = HIDDEN // HEADS  # families whose default head_dim is that of a large model
+_SMALL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # defaults lie outside VOCAB
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+SLIDING_WINDOW = 4  # shorter than the test windows, so sliding and global layers differ
+_SLIDING_THEN_GLOBAL = dict(
+    sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"]
 )
 
 # Keyword arguments of ``AutoConfig.for_model`` per architecture.
@@ -62,13 +91,49 @@ TINY_CONFIGS: dict[str, dict] = {
         num_attention_heads=HEADS,
         max_position_embeddings=MAX_POSITIONS,
     ),
+    # The wider table (ALL_ARCHS).
+    "qwen3": {**_LLAMA_LIKE, "head_dim": _HEAD_DIM},
+    "mixtral": {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {**_LLAMA_LIKE, **_MOE, "num_experts": 4, "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {**_LLAMA_LIKE, **_MOE, "num_experts": 4, "head_dim": _HEAD_DIM},
+    "granitemoe": {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gemma": {**_LLAMA_LIKE, "head_dim": _HEAD_DIM},
+    "gemma2": {**_LLAMA_LIKE, **_SLIDING_THEN_GLOBAL, "head_dim": _HEAD_DIM},
+    # Gemma-3 also has a rotary table per layer type (local and global rope_theta).
+    "gemma3_text": {**_LLAMA_LIKE, **_SLIDING_THEN_GLOBAL, "head_dim": _HEAD_DIM},
+    "cohere2": {**_LLAMA_LIKE, **_SLIDING_THEN_GLOBAL, **_SMALL_IDS},
+    "phi": _LLAMA_LIKE,
+    "phi3": {**_LLAMA_LIKE, **_SMALL_IDS},  # fused qkv_proj and gate_up_proj
+    "olmo2": {**_LLAMA_LIKE, **_SMALL_IDS},
+    "stablelm": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "smollm3": {**_LLAMA_LIKE, **_SMALL_IDS},
+    "cohere": {**_LLAMA_LIKE, **_SMALL_IDS},
+    "falcon": dict(  # multi-query attention, fused query_key_value
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        ffn_hidden_size=INTERMEDIATE,
+        max_position_embeddings=MAX_POSITIONS,
+    ),
+    "gptj": dict(
+        n_embd=HIDDEN,
+        n_inner=INTERMEDIATE,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        rotary_dim=_HEAD_DIM // 2,
+        n_positions=MAX_POSITIONS,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+    ),
+    "bloom": dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),  # MLP is 4 x hidden
 }
 
 
 def tiny_config(arch: str, **overrides):
     """A tiny config of ``arch`` (see ``TINY_CONFIGS``), eager attention, ``VOCAB`` tokens."""
     if arch not in TINY_CONFIGS:
-        raise ValueError(f"no tiny config for {arch!r}; known: {ARCHS}")
+        raise ValueError(f"no tiny config for {arch!r}; known: {sorted(TINY_CONFIGS)}")
     kwargs = {"vocab_size": VOCAB, **TINY_CONFIGS[arch], **overrides}
     config = AutoConfig.for_model(arch, **kwargs)
     config._attn_implementation = "eager"
@@ -81,6 +146,20 @@ def build_tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
+
+
+def avoid_expert(expert: int):
+    """Forward hook for a Mixtral-style top-k router: route as usual but never to ``expert``
+    (an expert that sees no calibration token)."""
+
+    def hook(module, _args, output):
+        router_logits, scores, _ = output
+        masked = router_logits.clone()
+        masked[:, expert] = float("-inf")
+        top, indices = torch.softmax(masked.float(), dim=-1).topk(module.top_k, dim=-1)
+        return router_logits, (top / top.sum(-1, keepdim=True)).to(scores.dtype), indices
+
+    return hook
 
 
 def make_token_windows(vocab: int = VOCAB, n: int = 4, length: int = 16, seed: int = 0):

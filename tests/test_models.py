@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_sparse.models import (
     ARCHITECTURES,
+    ArchitectureSpec,
     UnsupportedArchitectureError,
     find_decoder_blocks,
     in_features,
@@ -50,8 +51,10 @@ def _all_linears(model):
     return {n: m for g in target_linears(model).values() for n, m in g.items()}
 
 
-def test_archs_table_covers_supported_architectures():
-    assert set(ARCHS) == set(ARCHITECTURES) == set(EXPECTED_ROLES)
+def test_blocks_are_found_without_a_table_entry():
+    # The table only holds overrides (fused-qkv head layouts); blocks come from the model.
+    assert all(spec.blocks_path is None for spec in ARCHITECTURES.values())
+    assert set(ARCHS) == set(EXPECTED_ROLES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -86,6 +89,21 @@ def test_linear_roles_per_block(models, arch):
         ("transformer.h.0.attn.c_attn", "qkv"),
         ("gpt_neox.layers.0.attention.dense", "o"),
         ("gpt_neox.layers.0.mlp.dense_4h_to_h", "fc2"),
+        ("model.layers.0.self_attn.qkv_proj", "qkv"),
+        ("model.layers.0.mlp.gate_up_proj", "gate_up"),
+        ("transformer.h.0.self_attention.query_key_value", "qkv"),
+        ("transformer.h.0.self_attention.dense", "o"),
+        ("model.layers.0.self_attn.dense", "o"),
+        ("model.layers.0.self_attn.W_pack", "qkv"),
+        ("transformer.h.0.mlp.fc_in", "fc1"),
+        ("transformer.h.0.mlp.fc_out", "fc2"),
+        ("transformer.h.0.attn.out_proj", "o"),
+        ("model.layers.0.mlp.experts.gate_up_proj.3", "gate_up"),
+        ("model.layers.0.mlp.experts.down_proj.0", "down"),
+        ("model.layers.0.mlp.gate", None),  # an MoE router
+        ("model.layers.0.mlp.shared_expert_gate", None),
+        ("model.layers.0.block_sparse_moe.router.layer", None),
+        ("model.layers.0.mlp.shared_expert.down_proj", "down"),
         ("lm_head", None),
         ("model.layers.0.mlp.act_fn", None),
     ],
@@ -231,16 +249,30 @@ class _MysteryModel(nn.Module):
         return self.head(x)
 
 
-def test_unknown_architecture_raises_listing_supported():
+def test_unknown_architecture_raises_naming_blocks():
     model = _MysteryModel()
     with pytest.raises(UnsupportedArchitectureError, match="'mystery'") as err:
         find_decoder_blocks(model)
     assert isinstance(err.value, ValueError)
-    for arch in ARCHITECTURES:
-        assert arch in str(err.value)
-    assert "blocks=" in str(err.value)
+    assert "_no_split_modules" in str(err.value)  # why
+    assert "blocks=" in str(err.value) and "['stack']" in str(err.value)  # what to pass
     with pytest.raises(UnsupportedArchitectureError):
         target_linears(model)
+
+
+def test_no_split_modules_finds_the_blocks_of_an_unknown_family():
+    model = _MysteryModel()
+    model._no_split_modules = ["_MysteryBlock"]
+    assert [name for name, _ in find_decoder_blocks(model)] == ["stack.0", "stack.1", "stack.2"]
+
+
+def test_two_lists_of_decoder_layers_are_ambiguous():
+    model = _MysteryModel()
+    model._no_split_modules = ["_MysteryBlock"]
+    model.other = nn.ModuleList([_MysteryBlock(8)])
+    with pytest.raises(UnsupportedArchitectureError, match=r"several ModuleLists .* blocks="):
+        find_decoder_blocks(model)
+    assert len(find_decoder_blocks(model, "stack")) == 3
 
 
 @pytest.mark.parametrize("blocks", ["re:stack$", "stack", "re:^st"])
@@ -271,11 +303,14 @@ def test_blocks_override_that_is_not_a_module_list(blocks, message):
         find_decoder_blocks(_MysteryModel(), blocks)
 
 
-def test_known_type_without_its_blocks_raises():
-    model = _MysteryModel(model_type="llama")  # says llama, has no model.layers
-    with pytest.raises(UnsupportedArchitectureError, match="model.layers"):
+def test_override_path_missing_raises(monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, "mystery", ArchitectureSpec(blocks_path="model.layers"))
+    model = _MysteryModel()  # the override names model.layers, which it does not have
+    with pytest.raises(UnsupportedArchitectureError, match="model.layers.*blocks="):
         find_decoder_blocks(model)
     assert len(find_decoder_blocks(model, "stack")) == 3
+    monkeypatch.setitem(ARCHITECTURES, "mystery", ArchitectureSpec(blocks_path="stack"))
+    assert len(find_decoder_blocks(model)) == 3
 
 
 def test_peft_wrapped_model_finds_blocks():

@@ -10,15 +10,15 @@ import torch
 
 from ..models import linear_role
 
-COMPONENTS = ("embeddings", "q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2",
-              "norms", "lm_head", "other")  # fmt: skip
+COMPONENTS = ("embeddings", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc1",
+              "fc2", "norms", "lm_head", "other")  # fmt: skip
 _LAYER = re.compile(r"\.(?:layers|h|layer|blocks|decoder\.layers)\.(\d+)\.")
 
 
 def component_of(name: str) -> str:
     """Component of a parameter from its name (``model.layers.3.self_attn.q_proj.weight``)."""
     module = name.rsplit(".", 1)[0]
-    role = linear_role(module)
+    role = linear_role(module) or linear_role(name)  # stacked experts: ``...experts.down_proj``
     if role is not None:
         return role
     lowered = name.lower()

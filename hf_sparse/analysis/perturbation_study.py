@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 COMPONENT_GROUPS = {
     "attention": ("q", "k", "v", "qkv", "o"),
-    "mlp": ("gate", "up", "down", "fc1", "fc2"),
+    "mlp": ("gate", "up", "gate_up", "down", "fc1", "fc2"),
 }
 
 

@@ -16,8 +16,8 @@ BASIS_SHARING = add_peft_type(PEFT_TYPE_NAME)
 
 # The paper's default: input-side projections share a basis, output projections stay private
 # (their inputs differ too much across layers). OPT/GPT-2 names map onto the same idea.
-DEFAULT_SHARED_ROLES = ("q", "k", "v", "qkv", "gate", "up", "fc1")
-DEFAULT_TARGET_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
+DEFAULT_SHARED_ROLES = ("q", "k", "v", "qkv", "gate", "up", "gate_up", "fc1")
+DEFAULT_TARGET_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc1", "fc2")
 
 
 @dataclass
@@ -108,7 +108,8 @@ class BasisSharingConfig(PeftConfig):
         True,
     )
     blocks: str | None = help_field(
-        "Dotted path (or re: pattern) of the decoder-block ModuleList for unknown architectures.",
+        "Dotted path (or re: pattern) of the decoder-block ModuleList. None = found from the "
+        "model's `_no_split_modules`.",
         None,
     )
     target_modules: list[str] | str | None = help_field(

@@ -7,6 +7,7 @@ the same structure on load without calibration data.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -14,7 +15,14 @@ import torch
 from torch import nn
 
 from ..calibration import InputStats, StatsCollector, all_reduce_stats
-from ..models import find_decoder_blocks, linear_role, model_type, target_linears, weight_matrix
+from ..models import (
+    ExpertLinear,
+    find_decoder_blocks,
+    linear_role,
+    model_type,
+    target_linears,
+    weight_matrix,
+)
 from .config import DEFAULT_SHARED_ROLES, DEFAULT_TARGET_ROLES, BasisSharingConfig
 from .core import (
     SharedFactors,
@@ -24,6 +32,8 @@ from .core import (
     shared_basis_svd,
     whitening_factor,
 )
+
+logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -52,10 +62,36 @@ def _strip(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX).replace(".base_layer", "")
 
 
+def _dense_linears(
+    model: nn.Module, blocks: str | None, warn: bool = False
+) -> list[dict[str, nn.Module]]:
+    """Per decoder block: its ``nn.Linear`` / ``Conv1D`` layers (routers excluded).
+
+    Stacked MoE experts are not layers PEFT can replace: they stay dense, with a warning when
+    planning (the parameter counts of the plan show what was compressed).
+    """
+    per_block, experts = [], set()
+    for linears in target_linears(model, targets=None, ignore=("lm_head",), blocks=blocks).values():
+        dense = {}
+        for name, module in linears.items():
+            if isinstance(module, ExpertLinear):
+                experts.add(name.rsplit(".", 2)[0])
+            else:
+                dense[name] = module
+        per_block.append(dense)
+    if experts and warn:
+        logger.warning(
+            "basis sharing compresses nn.Linear layers only: the stacked MoE experts %s stay "
+            "dense (routers too)",
+            sorted(experts)[:4],
+        )
+    return per_block
+
+
 def _linears_by_role(model: nn.Module, blocks: str | None) -> list[dict[str, str]]:
     """Per decoder block: ``{role: module name}`` of its linear layers."""
     per_block = []
-    for linears in target_linears(model, targets=None, ignore=("lm_head",), blocks=blocks).values():
+    for linears in _dense_linears(model, blocks, warn=True):
         roles: dict[str, str] = {}
         for name in linears:
             role = linear_role(name)
@@ -211,11 +247,7 @@ def collect_input_stats(
         )
     if calibration.shape[0] == 0:
         raise ValueError("calibration has no windows; pass at least one window of token ids")
-    linears = {
-        _strip(n): m
-        for block in target_linears(model, None, ("lm_head",), blocks).values()
-        for n, m in block.items()
-    }
+    linears = {_strip(n): m for block in _dense_linears(model, blocks) for n, m in block.items()}
     if names is not None:
         missing = [n for n in names if n not in linears]
         if missing:

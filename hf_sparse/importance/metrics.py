@@ -16,6 +16,10 @@ the activation statistics of ``wanda`` / ``obs``) are all-reduced over ranks whe
   LLMs", 2023), linear layers only.
 - ``obs``: ``w_ij^2 / [H^-1]_jj`` with ``H = X^T X / n`` damped (Hassibi & Stork, "Optimal
   Brain Surgeon", 1993; the SparseGPT saliency), linear layers only.
+
+Stacked MoE expert weights ``[E, out, in]`` are scored one expert at a time by ``wanda`` and
+``obs``, each from the tokens routed to it; an expert no token reached scores 0 everywhere (its
+weights changed no output on these samples), with a warning.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import StatsCollector, all_reduce_stats
 from ..linalg import damped_inverse_cholesky
-from ..models import is_linear, weight_matrix
+from ..models import ExpertLinear, expert_linears, experts_layout, is_linear, weight_matrix
 from .core import wanda_scores
 from .distributed import all_reduce_, sum_across_ranks
 from .samples import as_samples
@@ -191,12 +195,21 @@ def hutchinson(model, samples, params, show_progress=True, probes: int = 4, seed
     return {n: (t / count).abs() for n, t in total.items()}
 
 
+Owner = nn.Module | dict[str, ExpertLinear]  # a linear layer, or the views of stacked experts
+
+
 def _linear_owners(model: nn.Module, params: dict[str, nn.Parameter], metric: str):
+    """``{parameter name: its linear layer}``; a stacked expert parameter maps to its per-expert
+    views ``{"<parameter>.<e>": ExpertLinear}``."""
     modules = dict(model.named_modules())
-    owners = {}
+    owners: dict[str, Owner] = {}
     for name in params:
         owner_name, _, leaf = name.rpartition(".")
         owner = modules.get(owner_name)
+        if owner is not None and leaf in (experts_layout(owner) or ()):
+            views = expert_linears(owner_name, owner)
+            owners[name] = {n: v for n, v in views.items() if v.param == leaf}
+            continue
         if leaf != "weight" or owner is None or not is_linear(owner):
             raise ValueError(
                 f"metric {metric!r} scores linear-layer weights only (it needs their inputs); "
@@ -206,8 +219,15 @@ def _linear_owners(model: nn.Module, params: dict[str, nn.Parameter], metric: st
     return owners
 
 
+def _flat(owners: dict[str, Owner]) -> dict[str, nn.Module]:
+    flat: dict[str, nn.Module] = {}
+    for name, owner in owners.items():
+        flat.update(owner if isinstance(owner, dict) else {name: owner})
+    return flat
+
+
 def _input_stats(model, samples, owners, need_xtx: bool, show_progress: bool):
-    collector = StatsCollector(owners, need_xtx=need_xtx, need_sq_norms=not need_xtx)
+    collector = StatsCollector(_flat(owners), need_xtx=need_xtx, need_sq_norms=not need_xtx)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -217,8 +237,14 @@ def _input_stats(model, samples, owners, need_xtx: bool, show_progress: bool):
                 model(input_ids=sample["input_ids"].to(device), use_cache=False)
     finally:
         model.train(was_training)
+    collector.fill_missing()  # before the all-reduce: every rank reduces the same tensors
     if _REDUCE_ACROSS_RANKS.get():
         all_reduce_stats(collector.stats)
+    unseen = [n for n, item in collector.stats.items() if item.tokens == 0]
+    if unseen:
+        logger.warning(
+            "no input reached %d layer(s), e.g. %s: they score 0", len(unseen), unseen[:3]
+        )
     return collector.stats
 
 
@@ -231,14 +257,25 @@ def _stored_layout(scores: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return scores if weight_matrix(module) is module.weight else scores.t().contiguous()
 
 
+def _per_matrix(owners: dict[str, Owner], score: Callable[[str, nn.Module], torch.Tensor]):
+    """``score(name, linear)`` on ``[out, in]`` for every owner, back in the stored layout
+    (stacked experts: ``[E, out, in]``, or ``[E, in, out]`` when stored transposed)."""
+    scores: Scores = {}
+    for name, owner in owners.items():
+        if not isinstance(owner, dict):
+            scores[name] = _stored_layout(score(name, owner), owner)
+            continue
+        stacked = torch.stack([score(n, view) for n, view in owner.items()])
+        transposed = next(iter(owner.values())).experts.is_transposed
+        scores[name] = stacked.transpose(1, 2).contiguous() if transposed else stacked
+    return scores
+
+
 @register_metric("wanda")
 def wanda(model, samples, params, show_progress=True) -> Scores:
     owners = _linear_owners(model, params, "wanda")
     stats = _input_stats(model, samples, owners, need_xtx=False, show_progress=show_progress)
-    return {
-        n: _stored_layout(wanda_scores(weight_matrix(m), stats[n].sq_norms), m)
-        for n, m in owners.items()
-    }
+    return _per_matrix(owners, lambda n, m: wanda_scores(weight_matrix(m), stats[n].sq_norms))
 
 
 @register_metric("obs")
@@ -248,18 +285,20 @@ def obs(model, samples, params, show_progress=True, damp: float = 0.01) -> Score
     owners = _linear_owners(model, params, "obs")
     stats = _input_stats(model, samples, owners, need_xtx=True, show_progress=show_progress)
     inverse_diag: dict[int, torch.Tensor] = {}
-    scores = {}
-    for name, module in owners.items():
+
+    def saliency(name: str, module: nn.Module) -> torch.Tensor:
         item = stats[name]
+        weight = weight_matrix(module).detach().float()
+        if item.tokens == 0:
+            return torch.zeros_like(weight)
         if id(item) not in inverse_diag:  # q/k/v (gate/up) share one input and one inverse
             # float64: activation outliers make H ill-conditioned for a float32 inverse.
             upper = damped_inverse_cholesky(item.hessian.double(), damp)
             diagonal = upper.square().sum(0)  # diag(U^T U) = diag(H^-1)
             inverse_diag[id(item)] = diagonal.float()
-        weight = weight_matrix(module).detach().float()
-        saliency = weight.square() / inverse_diag[id(item)].unsqueeze(0)
-        scores[name] = _stored_layout(saliency, module)
-    return scores
+        return weight.square() / inverse_diag[id(item)].unsqueeze(0)
+
+    return _per_matrix(owners, saliency)
 
 
 def check_metric_options(metric: str, options: dict[str, Any]) -> None:

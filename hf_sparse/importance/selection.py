@@ -6,17 +6,29 @@ import re
 
 from torch import nn
 
-from ..models import ROLES, find_decoder_blocks, is_linear, linear_role, matches_pattern
+from ..models import (
+    ROLES,
+    ExpertLinear,
+    block_linears,
+    experts_layout,
+    find_decoder_blocks,
+    is_linear,
+    linear_role,
+    matches_pattern,
+)
 
 
 def default_parameters(model: nn.Module) -> list[str]:
-    """Weights of every linear layer inside the decoder blocks (what every metric can score)."""
-    names = []
+    """Weights of every linear layer inside the decoder blocks (what every metric can score):
+    stacked MoE expert weights included (``...experts.down_proj``), routers never."""
+    names: dict[str, None] = {}
     for block_name, block in find_decoder_blocks(model):
-        for name, module in block.named_modules():
-            if name and is_linear(module) and ".lora_" not in name:
-                names.append(f"{block_name}.{name}.weight")
-    return names
+        for name, module in block_linears(block_name, block):
+            if isinstance(module, ExpertLinear):
+                names[name.rpartition(".")[0]] = None  # the stacked parameter, once
+            elif is_linear(module) and ".lora_" not in name:
+                names[f"{name}.weight"] = None
+    return list(names)
 
 
 def _matches(name: str, owner_name: str, owner: nn.Module | None, pattern: str) -> bool:
@@ -24,6 +36,8 @@ def _matches(name: str, owner_name: str, owner: nn.Module | None, pattern: str) 
         return re.search(pattern[3:], name) is not None
     if name == pattern or name.endswith("." + pattern):
         return True
+    if owner is not None and name.rpartition(".")[2] in (experts_layout(owner) or ()):
+        return matches_pattern(name, owner, pattern)  # stacked experts: role of the projection
     if owner is None or not name.endswith(".weight"):
         return False
     return is_linear(owner) and matches_pattern(owner_name, owner, pattern)

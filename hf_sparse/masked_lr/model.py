@@ -180,6 +180,7 @@ def prepare_masks(
                 "MaskedLRConfig.masks_file to a file written by hf_sparse.masks.save_masks"
             )
         masks = load_masks(config.masks_file)
+    _check_not_stacked(model, masks)
     by_module = _masks_by_module(masks)
     original = config.target_modules
     if original is None:
@@ -215,6 +216,23 @@ def targeted_modules(model: nn.Module, config: MaskedLRConfig) -> dict[str, nn.M
             f"{unsupported[:_SHOWN]}; narrow target_modules or add them to exclude_modules"
         )
     return targets
+
+
+def _check_not_stacked(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    stacked = []
+    for raw_name in masks:
+        name = raw_name.removeprefix(_PEFT_PREFIX)
+        param = params.get(name, params.get(_PEFT_PREFIX + name))
+        if param is not None and param.ndim >= 3:
+            stacked.append(f"{raw_name} {tuple(param.shape)}")
+    if stacked:
+        raise ValueError(
+            f"{len(stacked)} mask(s) are for stacked MoE expert weights, e.g. {stacked[:2]}; "
+            "masked_lr adapts nn.Linear / Conv1D layers only. Make the masks for linear layers "
+            "(e.g. golden_masks(..., params=['re:self_attn']) or params=[...] without the "
+            "experts) or drop the expert masks"
+        )
 
 
 def _masks_by_module(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -70,7 +70,9 @@ class MergeConfig:
         None,
     )
     blocks: str | None = help_field(
-        "Dotted path or 're:' pattern of the decoder blocks, for unknown architectures.", None
+        "Dotted path or 're:' pattern of the decoder blocks. None = found from the model's "
+        "`_no_split_modules`.",
+        None,
     )
     seed: int = help_field("Seed of DARE's random drops.", 0)
     check_base: bool = help_field(

@@ -5,8 +5,11 @@ Lifecycle of ``prune_(model, config, calibration)``:
      patterns that match nothing before any work;
   2. magnitude: prune every target directly;
      Wanda / SparseGPT: run the sequential engine; in each block collect input statistics,
-     prune the block's targets, re-run the block so the next block sees pruned activations;
-  3. record a ``sparsity`` block in ``model.config`` and return the keep-masks.
+     prune the block's targets, re-run the block so the next block sees pruned activations.
+     An MoE expert that no calibration token reached (on any rank) has no statistics: it is
+     pruned by magnitude, with a warning, and listed in ``PruningResult.fallbacks``;
+  3. measure the sparsity from the pruned weights, record a ``sparsity`` block in
+     ``model.config`` and return the keep-masks.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,25 +30,52 @@ from ..calibration import (
     run_sequential,
 )
 from ..config_utils import to_dict
-from ..models import matches_pattern, set_weight_matrix, target_linears, weight_matrix
+from ..models import (
+    ExpertLinear,
+    find_linear,
+    matches_pattern,
+    set_weight_matrix,
+    target_linears,
+    weight_matrix,
+)
 from .config import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
 from .core import magnitude_mask, obs_prune, wanda_mask
 
 logger = logging.getLogger(__name__)
 
 
+NO_TOKENS_FALLBACK = "magnitude: no calibration token was routed to this expert"
+
+
 @dataclass
 class PruningResult:
-    """Keep-masks (``True`` = kept, ``[out, in]`` layout) by linear name, and timings."""
+    """Keep-masks (``True`` = kept, ``[out, in]`` layout) by linear name, and timings.
+
+    ``measured_sparsity`` counts the zeros in the pruned weights themselves (set by
+    ``prune_``); ``fallbacks`` names the layers pruned another way than asked, and why.
+    """
 
     masks: dict[str, torch.Tensor]
     seconds: float
+    measured_sparsity: float | None = None
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
+        """The sparsity of the masks (what the method decided)."""
         total = sum(m.numel() for m in self.masks.values())
         kept = sum(int(m.sum()) for m in self.masks.values())
         return 1.0 - kept / max(total, 1)
+
+
+def measured_sparsity(linears: dict[str, nn.Module]) -> float:
+    """Share of exact zeros in the weight matrices of ``linears`` (expert views included)."""
+    zeros = total = 0
+    for module in linears.values():
+        weight = weight_matrix(module)
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / total if total else 0.0
 
 
 def layer_sparsity(config: PruningConfig, name: str, module: nn.Module) -> float:
@@ -64,7 +94,10 @@ def _prune_layer_magnitude(config: PruningConfig, name: str, module: nn.Module) 
 
 
 def _block_pruner(
-    config: PruningConfig, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor]
+    config: PruningConfig,
+    linears: dict[str, nn.Module],
+    masks: dict[str, torch.Tensor],
+    fallbacks: dict[str, str],
 ) -> Callable[[], None]:
     """Install statistics hooks on a block's targets; return the function that prunes them."""
     use_obs = isinstance(config, SparseGPTConfig)
@@ -72,14 +105,21 @@ def _block_pruner(
 
     def finish() -> None:
         collector.__exit__()
-        missing = [name for name in linears if name not in collector.stats]
-        if missing:
-            raise RuntimeError(f"{missing} saw no input during calibration (are they used?)")
+        collector.fill_missing()  # before the all-reduce: every rank reduces the same tensors
         all_reduce_stats(collector.stats)
+        unseen = [name for name in linears if collector.stats[name].tokens == 0]
+        unused = [name for name in unseen if not isinstance(linears[name], ExpertLinear)]
+        if unused:
+            raise RuntimeError(f"{unused} saw no input during calibration (are they used?)")
+        for name in unseen:
+            logger.warning("%s: %s; pruned by magnitude", name, NO_TOKENS_FALLBACK)
+            masks[name] = _prune_layer_magnitude(config, name, linears[name]).cpu()
+            fallbacks[name] = NO_TOKENS_FALLBACK
+        seen = {name: module for name, module in linears.items() if name not in unseen}
         if use_obs:
-            _obs_prune_shared(config, linears, collector.stats, masks)
+            _obs_prune_shared(config, seen, collector.stats, masks)
             return
-        for name, module in linears.items():
+        for name, module in seen.items():
             weight = weight_matrix(module)
             sparsity = layer_sparsity(config, name, module)
             keep = wanda_mask(weight, collector.stats[name].sq_norms, sparsity, config.pattern)
@@ -151,6 +191,7 @@ def prune_(
     _check_nm_shapes(config, grouped)
     start = time.perf_counter()
     masks: dict[str, torch.Tensor] = {}
+    fallbacks: dict[str, str] = {}
     if isinstance(config, MagnitudeConfig):
         for linears in grouped.values():
             for name, module in linears.items():
@@ -159,7 +200,7 @@ def prune_(
 
         def process_block(name: str, _block: nn.Module) -> Callable[[], None] | None:
             linears = grouped[name]
-            return _block_pruner(config, linears, masks) if linears else None
+            return _block_pruner(config, linears, masks, fallbacks) if linears else None
 
         run_sequential(
             model,
@@ -171,14 +212,16 @@ def prune_(
             after_block=broadcast_block,
         )
     seconds = time.perf_counter() - start
-    result = PruningResult(masks=masks, seconds=seconds)
+    pruned = {name: module for linears in grouped.values() for name, module in linears.items()}
+    result = PruningResult(masks, seconds, measured_sparsity(pruned), fallbacks)
     record_sparsity_config(model, config, result)
     logger.info(
-        "%s pruned %d layers to %.2f%% in %.1fs",
+        "%s pruned %d layers to %.2f%% (measured in the weights) in %.1fs%s",
         config.method,
         len(masks),
-        100 * result.sparsity,
+        100 * result.measured_sparsity,
         seconds,
+        f"; {len(fallbacks)} by magnitude fallback" if fallbacks else "",
     )
     return result
 
@@ -209,7 +252,10 @@ def record_sparsity_config(model: nn.Module, config: PruningConfig, result: Prun
         "targets": settings.pop("targets"),
         "ignore": settings.pop("ignore"),
         "pruned_layers": len(result.masks),
-        "measured_sparsity": round(result.sparsity, 6),
+        "measured_sparsity": round(
+            result.sparsity if result.measured_sparsity is None else result.measured_sparsity, 6
+        ),
+        "fallback_layers": dict(result.fallbacks),
         "settings": settings,
         "library": "hf_sparse",
     }
@@ -217,11 +263,14 @@ def record_sparsity_config(model: nn.Module, config: PruningConfig, result: Prun
 
 def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero every weight whose mask entry is False (masks in ``[out, in]`` layout)."""
-    modules = dict(model.named_modules())
     for name, keep in masks.items():
-        module = modules.get(name)
-        if module is None:
-            raise KeyError(f"mask names module {name!r}, which this model does not have")
+        try:
+            module = find_linear(model, name)
+        except KeyError as error:
+            raise KeyError(
+                f"mask names module {name!r}, which this model does not have as a linear layer "
+                f"({error.args[0]})"
+            ) from None
         weight = weight_matrix(module)
         if keep.shape != weight.shape:
             raise ValueError(

@@ -31,8 +31,9 @@ class PruningConfig:
     )
     targets: list[str] | None = help_field(
         "Patterns of the linears to prune inside the decoder blocks: roles (q, k, v, o, qkv, "
-        "gate, up, down, fc1, fc2), class names (Linear, Conv1D), name suffixes, or 're:<regex>'."
-        " None = every linear in the decoder blocks.",
+        "gate, up, gate_up, down, fc1, fc2), class names (Linear, Conv1D, ExpertLinear = one "
+        "expert of stacked MoE experts, named <experts>.<param>.<e>), name suffixes, or "
+        "'re:<regex>'. None = every linear in the decoder blocks. MoE routers are never pruned.",
         None,
     )
     ignore: list[str] = help_field(
@@ -44,8 +45,9 @@ class PruningConfig:
         {},
     )
     blocks: str | None = help_field(
-        "Dotted path or 're:' pattern of the ModuleList of decoder blocks, for architectures "
-        "hf_sparse does not know. None = look it up from the model type.",
+        "Dotted path or 're:' pattern of the ModuleList of decoder blocks. None = found from the "
+        "model (the ModuleList of its `_no_split_modules` layers); needed only for models that "
+        "do not name their layer class there.",
         None,
     )
 
