@@ -156,7 +156,7 @@ def oneshot(
         model, recipe.pruning, calibration, recipe.calibration.batch_size, show_progress
     )
     metrics["prune_seconds"] = result.seconds
-    metrics["sparsity"] = result.sparsity
+    metrics["sparsity"] = result.measured_sparsity  # counted in the weights written
     if eval_windows is not None:
         metrics["pruned"] = perplexity(
             model, eval_windows, recipe.evaluation.batch_size, show_progress
