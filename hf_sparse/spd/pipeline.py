@@ -23,6 +23,7 @@ against its toy model before any training.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
