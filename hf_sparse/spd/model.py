@@ -7,6 +7,8 @@ Lifecycle:
     model.save_pretrained(dir)               -> adapter_model.safetensors: U, V and gates only
     PeftModel.from_pretrained(base, dir)     -> (after ``import hf_sparse.spd``) the same model
     set_spd_ablation(model, keep=..., ci_threshold=...)  -> run a chosen subset of components
+    model.merge_and_unload()                 -> a plain model whose weights are the components
+                                                kept (``U diag(keep) V``; not with ci_threshold)
 """
 
 from __future__ import annotations

@@ -157,6 +157,39 @@ def test_save_reload_round_trip_keeps_outputs(tmp_path):
     assert not torch.allclose(reloaded(x=X), expected)
 
 
+def test_merge_writes_the_kept_components_and_unmerge_restores_the_target():
+    model = _spd(_tms())
+    _nudge_trainable(model)
+    layers = spd_layers(model)
+    target = layers["linear1"].target_weight().detach().clone()
+    set_spd_ablation(model, keep={"linear1": [0, 3]})
+    expected = model(x=X)
+    model.merge_adapter()
+    U, V = layers["linear1"].components()
+    torch.testing.assert_close(layers["linear1"].get_base_layer().weight, U[:, [0, 3]] @ V[[0, 3]])
+    assert torch.equal(layers["linear1"].target_weight(), target)  # the gates' and delta's W
+    torch.testing.assert_close(model(x=X), expected)
+    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+        set_spd_ablation(model)
+    with spd_runtime(model, {}), pytest.raises(RuntimeError, match="unmerge_adapter"):
+        model(x=X)
+    with model.disable_adapter():  # unmerges, as peft's layers do
+        torch.testing.assert_close(model(x=X), _tms()(X))
+    assert torch.equal(layers["linear1"].get_base_layer().weight, target)
+    set_spd_ablation(model, include_delta=True)  # every component plus W - UV: the target
+    plain = model.merge_and_unload()
+    assert isinstance(plain.linear1, nn.Linear) and not spd_layers(plain)
+    torch.testing.assert_close(plain(X), _tms()(X), atol=1e-5, rtol=1e-5)
+
+
+def test_a_causal_importance_threshold_cannot_be_merged():
+    model = _spd(_tms())
+    set_spd_ablation(model, ci_threshold=0.5)
+    with pytest.raises(ValueError, match=r"ci_threshold.*set_spd_ablation\(model, keep=\.\.\.\)"):
+        model.merge_and_unload()
+    assert not any(layer.merged for layer in spd_layers(model).values())
+
+
 def test_spd_loss_terms_and_gradients():
     model = _spd(_tms())
     config = SPDLossConfig(faithfulness_coeff=1.0)
