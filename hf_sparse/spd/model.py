@@ -78,6 +78,14 @@ class SPDModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
+        """Refused: a weighted sum of two decompositions of a weight decomposes nothing."""
+        raise NotImplementedError(
+            "SPD has no add_weighted_adapter: each adapter decomposes the base weights into its "
+            "own components, and a weighted sum of decompositions is not one. To run a chosen "
+            "subset of components use set_spd_ablation(model, keep=...), then merge_and_unload()"
+        )
+
 
 def check_targets(model: nn.Module, config: SPDConfig, check_tied: bool = True) -> list[str]:
     """Names of the modules ``config`` targets; ValueError if any is not a linear layer, or
