@@ -57,7 +57,11 @@ def get_basis_sharing_model(
     if not isinstance(config, BasisSharingConfig):
         raise TypeError(f"config must be a BasisSharingConfig, got {type(config).__name__}")
     if isinstance(model, PeftModel):
-        raise ValueError("model is already a PeftModel; compress the base model")
+        raise ValueError(
+            "model is already a PeftModel: basis_sharing compresses the dense weights, which a "
+            "compressed model has dropped. For a second compression compress a fresh copy of "
+            "the base model, save it, and model.load_adapter(folder, adapter_name=...)"
+        )
     needs_data = config.whitening or config.update_coefficients
     if needs_data and calibration is None and stats is None and not defer:
         raise ValueError(
@@ -240,6 +244,15 @@ class BasisSharingModel(BaseTuner):
 
     def parameter_counts(self, adapter_name: str = "default") -> dict[str, int]:
         return parameter_counts(make_plan(self.model, self.peft_config[adapter_name]))
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
+        """Refused: each adapter has its own bases, and a weighted sum of factorizations is
+        not a factorization."""
+        raise NotImplementedError(
+            "basis_sharing has no add_weighted_adapter: each adapter's shared bases come from "
+            "its own SVD, so their coefficients cannot be mixed. merge_and_unload() each "
+            "compressed model into a dense one and merge those with hf_sparse.merging.merge_"
+        )
 
     def unload(self) -> nn.Module:
         raise ValueError(

@@ -113,6 +113,15 @@ class MaskedLRModel(BaseTuner):
             new_module.requires_grad_(False)  # a second adapter is not trained until activated
         self._replace_module(parent, target_name, new_module, target)
 
+    def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
+        """Refused: hf_sparse merges sparse deltas with ``hf_sparse.merging.merge_``."""
+        raise NotImplementedError(
+            "masked_lr has no add_weighted_adapter; combine saved masked_lr adapters with "
+            "hf_sparse.merging.merge_(base, MergeConfig('task_arithmetic'), [folders], "
+            "weights=[...]) (or TIES, DARE, SparseGPT-TV), then sparse_delta_model(base, "
+            "result.deltas) to ship the combination as one masked_lr adapter"
+        )
+
     @classmethod
     def _get_adapter_state_dict(
         cls, model, config, adapter_name, state_dict, unwanted_adapter_names

@@ -12,10 +12,11 @@ How the layer runs is set from outside (``model.py``) through ``spd_runtime``:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -73,6 +74,9 @@ class SPDLayer(BaseTunerLayer):
         self.spd_tied_to: dict[str, SPDLayer] = {}
         self.spd_include_delta = False
         self.spd_runtime: SPDRuntime | None = None
+        # The target weight (stored layout) while a merge has written the decomposed one into
+        # the base layer; the gates, the delta and unmerge need it.
+        self._spd_unmerged_weight: torch.Tensor | None = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -156,8 +160,27 @@ class SPDLayer(BaseTunerLayer):
         self.spd_tied_to[adapter_name] = source
 
     def target_weight(self) -> torch.Tensor:
-        """The frozen weight as ``[d_out, d_in]``."""
-        return weight_matrix(self.get_base_layer())
+        """The frozen weight as ``[d_out, d_in]`` (the target's, also while merged)."""
+        stored = self._spd_unmerged_weight
+        if stored is None:
+            return weight_matrix(self.get_base_layer())
+        return stored.t() if isinstance(self.get_base_layer(), Conv1D) else stored
+
+    def decomposed_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The ``[d_out, d_in]`` weight the layer runs with by default: ``U diag(keep) V``,
+        plus the delta ``W - U V`` when the ablation includes it."""
+        name = adapter_name or self.spd_adapter()
+        U, V = self.components(name)
+        keep = self.spd_keep.get(name)
+        if keep is not None:
+            U = U * keep.to(device=U.device, dtype=U.dtype)
+        weight = U @ V
+        if self.spd_include_delta:
+            weight = weight + self._delta(name)
+        return weight
+
+    def _delta(self, name: str) -> torch.Tensor:
+        return weight_delta(self.target_weight(), *self.components(name))
 
     def causal_importance(
         self, x: torch.Tensor, adapter_name: str | None = None
@@ -182,6 +205,11 @@ class SPDLayer(BaseTunerLayer):
     ) -> None:
         """Run with only the ``keep`` components (bool ``[C]``; None = all), and/or only those
         whose causal importance on the current input exceeds ``ci_threshold``."""
+        if self.merged:
+            raise RuntimeError(
+                "this SPD layer is merged: its weight is the decomposition of the ablation it "
+                "was merged with; call model.unmerge_adapter() before choosing another"
+            )
         name = adapter_name or self.spd_adapter()
         C = self.spd_gate_b2[name].shape[0]
         if keep is not None:
@@ -206,21 +234,55 @@ class Linear(nn.Module, SPDLayer):
         self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError(
-            "SPD components analyse the base weight; there is nothing to merge. Use "
-            "set_spd_ablation(model, ...) to run a chosen subset of components"
-        )
+        """Write ``decomposed_weight()`` into the base layer (the target weight is kept aside
+        for ``unmerge``), so ``merge_and_unload`` gives a plain model that runs the chosen
+        components. A ``ci_threshold`` picks components per input: no single weight does."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1:
+            raise ValueError(
+                f"an SPD layer runs one decomposition at a time; merge one of {adapter_names}"
+            )
+        name = adapter_names[0]
+        if self.spd_ci_threshold.get(name) is not None:
+            raise ValueError(
+                f"SPD adapter {name!r} keeps components by causal importance on each input "
+                "(ci_threshold), which no fixed weight reproduces; merge a fixed set instead: "
+                "set_spd_ablation(model, keep=...)"
+            )
+        with torch.no_grad():
+            weight = self.decomposed_weight(name)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"merging SPD adapter {name!r} gives non-finite weights; not merged")
+        base = self.get_base_layer()
+        self._spd_unmerged_weight = base.weight.data
+        stored = weight.t() if isinstance(base, Conv1D) else weight
+        base.weight.data = stored.to(base.weight.dtype).contiguous()
+        self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        return None
-
-    def _delta(self, name: str) -> torch.Tensor:
-        return weight_delta(self.target_weight(), *self.components(name))
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self.get_base_layer().weight.data = self._spd_unmerged_weight
+        self._spd_unmerged_weight = None
+        self.merged_adapters.clear()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         kwargs.pop("adapter_names", None)
         active = [name for name in self.active_adapters if name in self.spd_gate_b2]
         run = self.spd_runtime
+        if self.merged:
+            if self.disable_adapters:
+                self.unmerge()
+            elif run is not None:
+                raise RuntimeError(
+                    "this SPD layer is merged, but training and metrics run the target and the "
+                    "masked components; call model.unmerge_adapter() first"
+                )
+            else:
+                return self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or not active or (run is not None and run.mode == "target"):
             if run is not None and run.capture:
                 run.captured = x

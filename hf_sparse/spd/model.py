@@ -7,6 +7,8 @@ Lifecycle:
     model.save_pretrained(dir)               -> adapter_model.safetensors: U, V and gates only
     PeftModel.from_pretrained(base, dir)     -> (after ``import hf_sparse.spd``) the same model
     set_spd_ablation(model, keep=..., ci_threshold=...)  -> run a chosen subset of components
+    model.merge_and_unload()                 -> a plain model whose weights are the components
+                                                kept (``U diag(keep) V``; not with ci_threshold)
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class SPDModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
+        """Refused: a weighted sum of two decompositions of a weight decomposes nothing."""
+        raise NotImplementedError(
+            "SPD has no add_weighted_adapter: each adapter decomposes the base weights into its "
+            "own components, and a weighted sum of decompositions is not one. To run a chosen "
+            "subset of components use set_spd_ablation(model, keep=...), then merge_and_unload()"
+        )
 
 
 def check_targets(model: nn.Module, config: SPDConfig, check_tied: bool = True) -> list[str]:

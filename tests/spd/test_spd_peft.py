@@ -1,8 +1,8 @@
-"""The SPD PEFT method: wrapping, bad input, save / reload, ablation, transformers models."""
+"""What only SPD does: bad input, the decomposition and its ablations, merging a chosen set of
+components, the losses, tied layers, transformers models. The PEFT contract (disable, trainable
+parameters, save -> reload, merging, two adapters) is in tests/test_peft_contract.py."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -79,26 +79,13 @@ def test_targets_that_are_not_linear_layers_fail_before_any_change():
         get_spd_model(_tms(), SPDConfig(C=3, target_modules=["nope"]))
 
 
-def test_only_components_and_gates_train():
-    model = _spd(_tms())
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".spd_" in n for n in trainable)
-    layers = spd_layers(model)
-    assert list(layers) == ["linear1", "linear2"]
-    U, V = layers["linear1"].components()
-    assert tuple(U.shape) == (2, 6) and tuple(V.shape) == (6, 5)
-
-
-def test_all_components_plus_delta_is_the_target_and_disabling_gives_the_base():
-    base = _tms()
-    expected = base(X)
+def test_all_components_plus_delta_is_the_target():
+    expected = _tms()(X)
     model = _spd(_tms())
     set_spd_ablation(model, include_delta=True)
     torch.testing.assert_close(model(x=X), expected, atol=1e-5, rtol=1e-5)
     set_spd_ablation(model)
     assert not torch.allclose(model(x=X), expected, atol=1e-3)  # random U V != W
-    with model.disable_adapter():
-        torch.testing.assert_close(model(x=X), expected)
 
 
 def test_keep_runs_exactly_the_chosen_components():
@@ -140,21 +127,37 @@ def _nudge_trainable(model) -> None:
                 p.add_(0.1 * torch.randn_like(p))
 
 
-def test_save_reload_round_trip_keeps_outputs(tmp_path):
+def test_merge_writes_the_kept_components_and_unmerge_restores_the_target():
     model = _spd(_tms())
     _nudge_trainable(model)
+    layers = spd_layers(model)
+    target = layers["linear1"].target_weight().detach().clone()
+    set_spd_ablation(model, keep={"linear1": [0, 3]})
     expected = model(x=X)
-    model.save_pretrained(tmp_path)
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert "adapter_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert saved and all(".spd_" in key for key in saved)
-    assert not any("base_layer" in key for key in saved)  # the target weights are not saved
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SPD"
-    reloaded = PeftModel.from_pretrained(_tms(), tmp_path)
-    torch.testing.assert_close(reloaded(x=X), expected)
-    set_spd_ablation(reloaded, keep={"linear2": [1]}, include_delta=False)
-    assert not torch.allclose(reloaded(x=X), expected)
+    model.merge_adapter()
+    U, V = layers["linear1"].components()
+    torch.testing.assert_close(layers["linear1"].get_base_layer().weight, U[:, [0, 3]] @ V[[0, 3]])
+    assert torch.equal(layers["linear1"].target_weight(), target)  # the gates' and delta's W
+    torch.testing.assert_close(model(x=X), expected)
+    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+        set_spd_ablation(model)
+    with spd_runtime(model, {}), pytest.raises(RuntimeError, match="unmerge_adapter"):
+        model(x=X)
+    with model.disable_adapter():  # unmerges, as peft's layers do
+        torch.testing.assert_close(model(x=X), _tms()(X))
+    assert torch.equal(layers["linear1"].get_base_layer().weight, target)
+    set_spd_ablation(model, include_delta=True)  # every component plus W - UV: the target
+    plain = model.merge_and_unload()
+    assert isinstance(plain.linear1, nn.Linear) and not spd_layers(plain)
+    torch.testing.assert_close(plain(X), _tms()(X), atol=1e-5, rtol=1e-5)
+
+
+def test_a_causal_importance_threshold_cannot_be_merged():
+    model = _spd(_tms())
+    set_spd_ablation(model, ci_threshold=0.5)
+    with pytest.raises(ValueError, match=r"ci_threshold.*set_spd_ablation\(model, keep=\.\.\.\)"):
+        model.merge_and_unload()
+    assert not any(layer.merged for layer in spd_layers(model).values())
 
 
 def test_spd_loss_terms_and_gradients():
@@ -182,7 +185,7 @@ def test_masks_of_one_with_delta_reproduce_the_target():
         torch.testing.assert_close(model(x=X), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_decomposes_a_transformers_model_with_kl(tiny_model, token_windows, tmp_path):
+def test_decomposes_a_transformers_model_with_kl(tiny_model, token_windows):
     base = tiny_model("llama")
     config = SPDConfig(
         C=4, target_modules=["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"]
@@ -194,17 +197,11 @@ def test_decomposes_a_transformers_model_with_kl(tiny_model, token_windows, tmp_
     result = spd_loss(model, inputs, SPDLossConfig(output_loss="kl"))
     assert result.terms["stochastic_recon"] > 0
     assert result.ci_lower["model.layers.0.mlp.up_proj"].shape == (2, 8, 4)
-    model.save_pretrained(tmp_path)
     set_spd_ablation(model, include_delta=True)
-    fresh = tiny_model("llama")
     with torch.no_grad():
         torch.testing.assert_close(
-            model(**inputs).logits, fresh(**inputs).logits, atol=1e-4, rtol=1e-4
+            model(**inputs).logits, tiny_model("llama")(**inputs).logits, atol=1e-4, rtol=1e-4
         )
-    reloaded = PeftModel.from_pretrained(fresh, tmp_path)
-    set_spd_ablation(model)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
 
 
 def test_lm_passes_replay_the_undecomposed_first_blocks_exactly(tiny_model, token_windows):
