@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from peft.config import PeftConfig
 
 from ..config_utils import help_field
+from ..integrity import check_integrity_mode, load_config
 from ..models import ROLES
 from ..peft_registry import add_peft_type
 
@@ -124,6 +125,18 @@ class BasisSharingConfig(PeftConfig):
     modules_to_save: list[str] | None = help_field(
         "Modules apart from the compressed ones to train fully and save.", None
     )
+    base_record: dict | None = help_field(
+        "Filled when the adapter is made: what it was made from (model type, the exact adapted "
+        "modules with their shapes, a fingerprint of their base weights). Loading checks it "
+        "(hf_sparse.integrity). Leave None.",
+        None,
+    )
+    integrity: str = help_field(
+        "'strict': loading on another base, with an edited config, or with missing or extra "
+        "tensors is an AdapterIntegrityError; 'warn': a warning (also: "
+        "PeftModel.from_pretrained(..., hf_sparse_strict=False)).",
+        "strict",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,6 +190,17 @@ class BasisSharingConfig(PeftConfig):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+        check_integrity_mode(self.integrity)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs
+    ):
+        """Load a saved config (marked as loaded, so the tuner checks its ``base_record``);
+        ``hf_sparse_strict=False`` downgrades integrity errors to warnings."""
+        return load_config(
+            cls, super().from_pretrained, pretrained_model_name_or_path, subfolder, kwargs
+        )
 
     def ratio_of(self, role: str) -> float:
         return (self.role_ratios or {}).get(role, self.ratio)

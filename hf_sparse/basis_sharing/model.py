@@ -25,6 +25,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..calibration import InputStats
+from ..data import check_batch_size, check_token_windows
+from ..integrity import check_loaded_tensors, peft_targets, report, stamp_or_verify
 from .config import BasisSharingConfig
 from .core import SharedFactors
 from .layer import BasisSharingLayer, Linear
@@ -74,10 +76,9 @@ def get_basis_sharing_model(
             "update_coefficients=True needs calibration= token windows (statistics of the "
             "compressed model are collected after compression)"
         )
-    if calibration is not None and (calibration.ndim != 2 or calibration.shape[0] == 0):
-        raise ValueError(
-            f"calibration must be a non-empty [n, L] tensor, got {tuple(calibration.shape)}"
-        )
+    if calibration is not None:
+        check_token_windows(calibration, model, "calibration")
+    check_batch_size(batch_size, "batch_size")
     make_plan(model, config)  # all checks, before any work
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if not defer:
@@ -110,6 +111,8 @@ def fill_deferred_factors_(
     layers = tuner.layers(adapter_name)
     if any(not layer.basis_sharing_pending[adapter_name] for layer in layers.values()):
         raise ValueError(f"adapter {adapter_name!r} is already compressed")
+    if calibration is not None:
+        check_token_windows(calibration, tuner.model, "calibration")
     if config.whitening and stats is None:
         if calibration is None:
             raise ValueError(
@@ -159,6 +162,14 @@ class BasisSharingModel(BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         groups = make_plan(model, config)
+        record = stamp_or_verify(model, config, peft_targets(model, config))
+        planned = sorted(config.layer_groups)
+        if record is not None and planned != sorted(record["modules"]):
+            report(
+                [f"layer_groups names {len(planned)} modules but the adapter was made for "
+                 f"{len(record['modules'])}; was adapter_config.json edited?"],
+                config, "does not fit its config",
+            )  # fmt: skip
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
         bases = nn.ParameterDict(
@@ -286,6 +297,7 @@ class BasisSharingModel(BaseTuner):
                     key = f"{head}{adapter_name}.{key[len(head) :]}"
             remapped[key] = value
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, remapped)
+        check_loaded_tensors(model, config, adapter_name, cls.prefix, remapped)
         expected = [k for k in model.state_dict() if k.startswith(f"{_TUNER_PREFIX}{BANK}.")]
         expected = [k for k in expected if k.split(".")[2] == adapter_name]
         missing = [k for k in expected if k not in remapped]

@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..integrity import check_loaded_tensors, peft_targets, stamp_or_verify
 from ..masks.bitmask import decode_mask, encode_mask, load_masks
 from ..models import is_linear
 from .config import MaskedLRConfig
@@ -80,8 +81,10 @@ class MaskedLRModel(BaseTuner):
         in_memory = config.__dict__.pop("_masked_lr_masks", None)
         if in_memory is None and getattr(config, "_masks_in_checkpoint", False):
             self._masked_lr_masks = None  # layers wait for the masks in the adapter file
+            _maybe_include_all_linear_layers(config, model)
         else:
             self._masked_lr_masks = prepare_masks(model, config, in_memory)
+        stamp_or_verify(model, config, peft_targets(model, config))
         try:
             super().inject_adapter(
                 model,
@@ -168,7 +171,11 @@ class MaskedLRModel(BaseTuner):
                 "config's masks instead: get_masked_lr_model(base, config, masks), then "
                 "set_peft_model_state_dict"
             )
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, state_dict
+        )
+        check_loaded_tensors(model, config, adapter_name, cls.prefix, remapped)
+        return remapped
 
 
 # Masks: names, dtypes, coverage and shapes, all checked before any layer is replaced.

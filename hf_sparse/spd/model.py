@@ -26,6 +26,7 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
+from ..integrity import check_loaded_tensors, peft_targets, stamp_or_verify
 from ..models import is_linear, weight_matrix
 from .config import SPDConfig
 from .layer import Linear, SPDLayer, SPDRuntime
@@ -53,6 +54,7 @@ class SPDModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
         check_targets(model, config)  # before any layer is replaced (tied pairs included)
+        stamp_or_verify(model, config, peft_targets(model, config))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if config.tied_modules:
             layers = spd_layers(model)
@@ -77,6 +79,15 @@ class SPDModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's remapping, then every component and gate must come from the file."""
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, state_dict
+        )
+        check_loaded_tensors(model, config, adapter_name, cls.prefix, remapped)
+        return remapped
 
     def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
         """Refused: a weighted sum of two decompositions of a weight decomposes nothing."""
