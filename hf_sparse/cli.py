@@ -29,6 +29,13 @@ from typing import Any
 logger = logging.getLogger("hf_sparse")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line (and where the help is) with exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows argparse defaults, except None/False (flags whose default the recipe decides
     say so in their own text)."""
@@ -124,6 +131,8 @@ def _prune_flags() -> list[Flag]:
         *_calibration_flags(),
         Flag("--eval-dataset", "evaluation.dataset", "perplexity text", "wikitext2"),
         Flag("--num-windows", "evaluation.num_windows", "perplexity windows", 32, {"type": int}),
+        Flag("--eval-sequence-length", "evaluation.sequence_length", "tokens per perplexity "
+             "window", 512, {"type": int}),
     ]  # fmt: skip
 
 
@@ -206,6 +215,8 @@ def _compress_flags() -> list[Flag]:
         *_calibration_flags(),
         Flag("--eval-windows", "evaluation.num_windows", "perplexity windows", 32,
              {"type": int}),
+        Flag("--eval-sequence-length", "evaluation.sequence_length", "tokens per perplexity "
+             "window", 512, {"type": int}),
     ]  # fmt: skip
 
 
@@ -311,7 +322,9 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     from .real_model import fetch_model
 
-    print(fetch_model(args.name, cache_dir=args.cache_dir))
+    print(
+        fetch_model(args.name, cache_dir=args.cache_dir, install=True)
+    )  # the one place that may install
     return 0
 
 
@@ -360,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pruning.config import PRUNING_METHODS
     from .spd.experiments import EXPERIMENTS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hf-sparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -446,29 +459,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can cause (bad values, paths, files, types); anything else is a bug and
+# keeps its traceback. Inputs are checked where they enter (recipes, configs, data.check_*), so
+# these are raised by our checks, not from deep inside torch or the Hub client.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, OSError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if args.threads:
-        import torch
+def _one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
-        torch.set_num_threads(args.threads)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error prints one line on stderr and returns 2 (no traceback
+    unless ``--debug``); Ctrl-C returns 130, SIGTERM/SIGHUP while writing 128 + signal."""
+    from .io import Terminated
+
+    command = "hf-sparse"
+    debug = argv is not None and "--debug" in argv or argv is None and "--debug" in sys.argv
     try:
+        args = build_parser().parse_args(argv)
+        command, debug = f"hf-sparse {args.command}", args.debug
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"hf-sparse {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as error:
-        if args.debug:
+        if debug:
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"hf-sparse {args.command}: error: {message}", file=sys.stderr)
+        print(f"{command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Terminated as stop:
+        print(f"{command}: {stop}; the temporary output was removed", file=sys.stderr)
+        return int(stop.code)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

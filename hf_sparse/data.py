@@ -8,6 +8,7 @@ the working directory), and otherwise to its Hub dataset through ``datasets.load
 
 from __future__ import annotations
 
+import difflib
 import os
 import random
 from dataclasses import dataclass
@@ -126,11 +127,41 @@ def load_text(
         return _load_hub_text(
             named.hub[0], named.hub[1], named.hub_splits[split != "calibration"], named.text_field
         )
-    if source.startswith((".", "/", "~")) or source.endswith(tuple(_TEXT_SUFFIXES | {".jsonl"})):
-        raise FileNotFoundError(
-            f"data file {source} does not exist; named datasets: {sorted(NAMED_DATASETS)}"
-        )
+    _check_hub_dataset_id(source)
     return _load_hub_text(source, None, "train" if split == "calibration" else "test", text_field)
+
+
+def check_data_source(source: str | os.PathLike) -> None:
+    """Refuse, before any work and without the network, a data source that cannot resolve: a
+    missing file, or a name that is neither a named dataset nor a Hub id (``owner/name``)."""
+    text = str(source)
+    if Path(text).expanduser().exists() or text in NAMED_DATASETS:
+        return
+    _check_hub_dataset_id(text)
+
+
+def _check_hub_dataset_id(source: str) -> None:
+    """Refuse, without touching the network, a source that is neither an existing file, a named
+    set nor a Hub id of the ``owner/name`` form (a typo would otherwise cost a minute of Hub
+    retries)."""
+    path_like = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (
+        _TEXT_SUFFIXES | {".jsonl", ".json", ".parquet"}
+    )
+    if path_like:
+        raise FileNotFoundError(
+            f"data file {source} does not exist; pass an existing .txt/.raw/.tokens, "
+            f".jsonl/.json or .parquet file, or a named dataset: {', '.join(NAMED_DATASETS)}"
+        )
+    parts = source.split("/")
+    if len(parts) != 2 or not all(parts):
+        close = difflib.get_close_matches(source, list(NAMED_DATASETS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown dataset {source!r}{hint}: not a file, not a named dataset "
+            f"({', '.join(NAMED_DATASETS)}) and not a Hub id of the form owner/name; pass a "
+            "local file path (e.g. ./data/train.txt or ./data/train.jsonl), a named dataset, "
+            "or a Hub dataset id"
+        )
 
 
 def _load_hub_text(path: str, name: str | None, split: str, text_field: str) -> str:
@@ -178,9 +209,9 @@ def load_records(source: str | os.PathLike, limit: int | None = None) -> list[di
         and (local / named.calibration_file).exists()
     ):
         records = _read_records_file(local / named.calibration_file)
-    elif source.startswith((".", "/", "~")) or Path(source).suffix in {".jsonl", ".json"}:
-        raise FileNotFoundError(f"data file {source} does not exist")
     else:
+        if named is None:
+            _check_hub_dataset_id(source)
         import datasets
 
         hub, config = named.hub if named is not None else (source, None)
@@ -279,3 +310,93 @@ def shard_for_rank(windows: torch.Tensor, rank: int, world_size: int) -> torch.T
     if windows.shape[0] < world_size:
         raise ValueError(f"{windows.shape[0]} windows cannot be shared by {world_size} ranks")
     return windows.tensor_split(world_size)[rank]
+
+
+# Checks of user-supplied token windows and lengths, shared by every entry point (before work).
+
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def max_positions(model_or_config) -> tuple[int, str] | None:
+    """``(limit, config field)`` of the longest input the model's positions cover, or None
+    when the architecture has no such limit (ALiBi models such as BLOOM)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for field in _POSITION_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, field
+    return None
+
+
+def check_sequence_length(model_or_config, length: int, where: str = "sequence_length") -> None:
+    """Refuse a window longer than the model's maximum positions, naming the limit. Learned
+    position tables fail inside torch beyond it; rotary models run but were never trained
+    there."""
+    found = max_positions(model_or_config)
+    if found is not None and length > found[0]:
+        limit, field = found
+        raise ValueError(
+            f"{where} {length} exceeds the model's maximum positions {limit} "
+            f"(config.{field}); use a length <= {limit}"
+        )
+
+
+def check_lengths(model_or_config, lengths: dict[str, int | None]) -> None:
+    """``check_sequence_length`` for every ``{recipe field: length}`` (None entries skipped)."""
+    for where, length in lengths.items():
+        if length is not None:
+            check_sequence_length(model_or_config, length, where)
+
+
+def check_batch_size(value: object, where: str = "batch_size") -> int:
+    """A positive integer, or a ValueError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def vocabulary_size(model) -> int | None:
+    """Rows of the input embedding (what token ids index), else ``config.vocab_size``."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_token_windows(windows: object, model=None, where: str = "calibration") -> torch.Tensor:
+    """Refuse token windows a model cannot run on, naming ``where`` and the fix: not a tensor,
+    not integer ids, not ``[n, seq_len]``, empty, ids outside the vocabulary, or (with
+    ``model``) longer than its maximum positions."""
+    fix = "build them with hf_sparse.data.calibration_windows(tokenizer, ...)"
+    if not isinstance(windows, torch.Tensor):
+        raise TypeError(
+            f"{where} must be a [n, seq_len] tensor of token ids, got {type(windows).__name__}; "
+            f"{fix}"
+        )
+    if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
+        raise TypeError(
+            f"{where} holds {windows.dtype} values; token ids must be integers (torch.long): "
+            f"convert with .long() only if they are ids, else {fix}"
+        )
+    if windows.ndim != 2:
+        raise ValueError(
+            f"{where} must be a [n, seq_len] tensor of token ids, got shape "
+            f"{tuple(windows.shape)}; stack the windows (a single one: windows[None])"
+        )
+    if windows.numel() == 0:
+        raise ValueError(f"{where} is empty (shape {tuple(windows.shape)}); {fix}")
+    low, high = int(windows.min()), int(windows.max())
+    vocab = vocabulary_size(model) if model is not None else None
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        limit = f"0..{vocab - 1}" if vocab is not None else ">= 0"
+        raise ValueError(
+            f"{where} holds token id {bad}, outside the model's vocabulary (ids {limit}); were "
+            "the windows made with another model's tokenizer?"
+        )
+    if model is not None:
+        check_sequence_length(model, windows.shape[1], f"{where} sequence length")
+    return windows

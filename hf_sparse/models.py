@@ -50,6 +50,7 @@ __all__ = [
     "linear_role",
     "matches_pattern",
     "model_type",
+    "near_names",
     "parameter_layouts",
     "register_architecture",
     "reject_expert_views",
@@ -202,24 +203,56 @@ def target_linears(
     _check_stacked_weights(decoder_blocks, targets, ignore)
     candidates = {name: list(block_linears(name, block)) for name, block in decoder_blocks}
     grouped = {name: select_linears(named, targets, ignore) for name, named in candidates.items()}
-    if targets is not None:
-        every = [(n, m) for named in candidates.values() for n, m in named if is_linear(m)]
-        for pattern in targets:
-            if not any(matches_pattern(n, m, pattern) for n, m in every):
-                roles = sorted({r for n, _ in every if (r := linear_role(n))})
-                routers = _router_names(decoder_blocks, pattern)
-                why = (
-                    f"matches only MoE routers ({routers[:2]}), which are never pruned"
-                    if routers
-                    else "matches no linear layer in the decoder blocks"
-                )
-                raise ValueError(
-                    f"target pattern {pattern!r} {why}; roles here: {roles}; example names: "
-                    f"{[n for n, _ in every[:4]]}"
-                )
-        if not any(grouped.values()):
-            raise ValueError(f"targets {targets} with ignore {ignore} leave no layer to prune")
+    every = [(n, m) for named in candidates.values() for n, m in named if is_linear(m)]
+    for pattern in targets or ():
+        if not any(matches_pattern(n, m, pattern) for n, m in every):
+            routers = _router_names(decoder_blocks, pattern)
+            why = (
+                f"matches only MoE routers ({routers[:2]}), which are never pruned"
+                if routers
+                else "matches no linear layer in the decoder blocks"
+            )
+            raise ValueError(f"target pattern {pattern!r} {why}; {near_names(pattern, every)}")
+    _check_ignore_patterns(model, ignore)
+    if not any(grouped.values()):
+        raise ValueError(
+            f"targets {targets if targets is not None else 'all'} with ignore {ignore} leave no "
+            "layer to work on; drop some ignore patterns"
+        )
     return grouped
+
+
+DEFAULT_IGNORE = ("lm_head",)
+"""Ignored by default and outside the decoder blocks: never an error when a model lacks it."""
+
+
+def near_names(pattern: str, named: list[tuple[str, nn.Module]]) -> str:
+    """What a pattern could have meant: the closest roles and module-name suffixes (difflib),
+    the roles present and a few names, for an error message."""
+    import difflib
+
+    roles = sorted({r for n, _ in named if (r := linear_role(n))})
+    suffixes = sorted({n.split(".")[-1] for n, _ in named} | {type(m).__name__ for _, m in named})
+    bare = pattern.removeprefix("re:")
+    close = difflib.get_close_matches(bare, roles + suffixes, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}roles here: {roles}; example names: {[n for n, _ in named[:4]]}"
+
+
+def _check_ignore_patterns(model: nn.Module, ignore: list[str]) -> None:
+    """Every ignore pattern must match some module of the model (a typo would silently prune
+    what the user meant to keep); the default ``lm_head`` is exempt."""
+    named = [(n, m) for n, m in iter_linears(model)]
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    for pattern in ignore:
+        if pattern in DEFAULT_IGNORE:
+            continue
+        if any(matches_pattern(n, m, pattern) for n, m in named + modules):
+            continue
+        raise ValueError(
+            f"ignore pattern {pattern!r} matches no module of this model; "
+            f"{near_names(pattern, named)}"
+        )
 
 
 def _router_names(blocks: list[tuple[str, nn.Module]], pattern: str) -> list[str]:

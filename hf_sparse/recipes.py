@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from .config_utils import check_positive_ints, help_field
+from .data import check_data_source
 
 
 @dataclass
@@ -45,6 +46,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("num_samples", "sequence_length", "batch_size"), "calibration")
+        check_data_source(self.dataset)
 
     def windows(self, tokenizer) -> torch.Tensor:
         """``[num_samples, sequence_length]`` token ids drawn from the dataset with ``seed``."""
@@ -63,6 +65,12 @@ class EvaluationConfig:
     num_windows: int | None = help_field("First N windows; None = the whole text.", 32)
     batch_size: int = help_field("Windows per forward pass.", 4)
     text_field: str = help_field("Column holding the text in jsonl/parquet data.", "text")
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, ("sequence_length", "batch_size"), "evaluation")
+        if self.num_windows is not None:
+            check_positive_ints(self, ("num_windows",), "evaluation")
+        check_data_source(self.dataset)
 
     def windows(self, tokenizer) -> torch.Tensor:
         """The first ``num_windows`` non-overlapping windows of the evaluation text."""

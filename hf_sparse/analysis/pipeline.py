@@ -17,6 +17,7 @@ from ..config_utils import check_keys, from_dict
 from ..recipes import RecipeKind, read_recipe_file, register_recipe_kind
 from .config import AnalysisConfig
 
+_REPORT_BYTES = 64 * 2**20  # scores summaries, JSON and the HTML report with its figures
 ANALYSIS_RECIPE_KEYS = ("model", "analysis", "output_dir")
 
 
@@ -42,12 +43,22 @@ def load_analysis_recipe(path: str | os.PathLike) -> AnalysisRecipe:
 def run_analysis_recipe(
     recipe: AnalysisRecipe, overwrite: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
+    from ..data import check_lengths
+    from ..io import check_output_dir
     from ..loading import load_checked
     from .study import run_study
 
     if recipe.output_dir is None:
         raise ValueError("an analysis needs an output folder: set `output_dir:` or --output-dir")
     model, tokenizer = load_checked(recipe.model, recipe.output_dir, overwrite)
+    check_lengths(
+        model,
+        {
+            "analysis.sequence_length": recipe.analysis.sequence_length,
+            "analysis.eval_length": recipe.analysis.eval_length,
+        },
+    )
+    check_output_dir(recipe.output_dir, overwrite, _REPORT_BYTES, inputs=[recipe.model])
     study = run_study(
         model, tokenizer, recipe.analysis, recipe.output_dir, overwrite, show_progress,
         model_name=recipe.model,

@@ -29,6 +29,7 @@ from .config import BasisSharingConfig
 
 logger = logging.getLogger(__name__)
 
+_TOKENIZER_BYTES = 16 * 2**20
 RECIPE_KEYS = ("model", "calibration", "basis_sharing", "evaluation", "output_dir")
 METHOD_KEYS = (
     "ratio",
@@ -97,8 +98,9 @@ def run_basis_sharing_recipe(
     recipe: BasisSharingRecipe, overwrite: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
     """Compress the recipe's model, measure perplexity when asked, save the adapter."""
+    from ..data import check_lengths
     from ..evaluation import perplexity
-    from ..io import atomic_output_dir
+    from ..io import atomic_output_dir, check_output_dir, model_bytes
     from ..loading import base_model_id, load_checked
     from ..outputs import results_record, write_outputs
     from .model import get_basis_sharing_model
@@ -107,12 +109,25 @@ def run_basis_sharing_recipe(
     if not recipe.output_dir:
         raise ValueError("no output folder: pass --output-dir or set `output_dir:` in the recipe")
     config = recipe.config()
+    check_output_dir(recipe.output_dir, overwrite, inputs=[recipe.model])
     model, tokenizer = load_checked(recipe.model, recipe.output_dir, overwrite)
-    make_plan(model, config)  # shape checks before calibration
     needs_data = config.whitening or config.update_coefficients
+    ev = recipe.evaluation
+    check_lengths(
+        model,
+        {
+            "calibration.sequence_length": recipe.calibration.sequence_length
+            if needs_data
+            else None,
+            "evaluation.sequence_length": ev.sequence_length if ev is not None else None,
+        },
+    )
+    make_plan(model, config)  # shape checks before calibration
+    expected = int(model_bytes(model) * (1 - config.ratio)) + _TOKENIZER_BYTES
+    check_output_dir(recipe.output_dir, overwrite, expected, inputs=[recipe.model])
     calibration = recipe.calibration.windows(tokenizer) if needs_data else None
     metrics: dict[str, Any] = {}
-    ev, windows = recipe.evaluation, None
+    windows = None
     if ev is not None:
         windows = ev.windows(tokenizer)
         metrics["dense"] = perplexity(model, windows, ev.batch_size, show_progress).to_dict()
@@ -133,7 +148,7 @@ def run_basis_sharing_recipe(
         timings={"compress_seconds": seconds},
         base_model=base_model_id(recipe.model),
     )
-    with atomic_output_dir(recipe.output_dir, overwrite) as tmp:
+    with atomic_output_dir(recipe.output_dir, overwrite, expected) as tmp:
         peft_model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

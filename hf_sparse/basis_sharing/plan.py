@@ -132,6 +132,12 @@ def make_plan(model: nn.Module, config: BasisSharingConfig) -> dict[str, Group]:
         shared = set(config.shared_roles)
     else:
         shared = {r for r in DEFAULT_SHARED_ROLES if r in targets}
+    unused = [r for r in (config.role_ratios or {}) if r not in targets]
+    if unused:
+        raise ValueError(
+            f"role_ratios has {unused}, which are not compressed here (targeted roles of this "
+            f"{arch} model: {targets}); drop them or add them to target_roles"
+        )
     if config.group_size > n_blocks and shared:
         raise ValueError(
             f"group_size={config.group_size} is larger than the number of layers ({n_blocks}) "

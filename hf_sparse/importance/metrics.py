@@ -42,7 +42,7 @@ from ..linalg import damped_inverse_cholesky
 from ..models import ExpertLinear, expert_linears, experts_layout, is_linear, weight_matrix
 from .core import wanda_scores
 from .distributed import all_reduce_, sum_across_ranks
-from .samples import as_samples
+from .samples import as_samples, check_samples
 from .selection import select_parameters
 
 logger = logging.getLogger(__name__)
@@ -331,6 +331,7 @@ def compute_importance(
     check_metric_options(metric, options)
     fn = IMPORTANCE_METRICS[metric]
     samples = as_samples(batches) if metric != "magnitude" or batches is not None else []
+    check_samples(samples, model)
     selected = select_parameters(model, params)
     logger.info("scoring %d tensors with %s on %d samples", len(selected), metric, len(samples))
     scores = fn(model, samples, selected, show_progress, **options)

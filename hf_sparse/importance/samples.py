@@ -8,13 +8,21 @@ from typing import Any
 
 import torch
 
+from ..data import check_sequence_length, check_token_windows, vocabulary_size
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
 PromptFn = Callable[[Any], Mapping[str, Any]]
 
 
 def _as_row(value: Any, field: str, where: str) -> torch.Tensor:
-    tensor = torch.as_tensor(value, dtype=torch.long)
+    tensor = torch.as_tensor(value)
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(
+            f"{where}: {field} holds {tensor.dtype} values; token ids (and labels) must be "
+            "integers: pass the tokenizer's output"
+        )
+    tensor = tensor.long()
     if tensor.ndim == 2 and tensor.shape[0] == 1:
         tensor = tensor[0]
     if tensor.ndim != 1 or tensor.numel() == 0:
@@ -51,7 +59,8 @@ def as_samples(batches: Any) -> list[dict[str, torch.Tensor]]:
     whose zeros are dropped).
     """
     if isinstance(batches, torch.Tensor):
-        if batches.ndim != 2 or batches.shape[1] < 2:
+        check_token_windows(batches, None, "batches")
+        if batches.shape[1] < 2:
             raise ValueError(f"token windows must be [n, L>=2], got {tuple(batches.shape)}")
         return [{"input_ids": w.unsqueeze(0), "labels": w.unsqueeze(0).clone()} for w in batches]
     if batches is None or isinstance(batches, str | bytes):
@@ -81,6 +90,21 @@ def as_samples(batches: Any) -> list[dict[str, torch.Tensor]]:
     if not samples:
         raise ValueError("no samples: the dataset / batches are empty")
     return samples
+
+
+def check_samples(samples: list[dict[str, torch.Tensor]], model, where: str = "batches") -> None:
+    """Every sample's ids inside the model's vocabulary and no longer than its positions."""
+    vocab = vocabulary_size(model)
+    for i, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise ValueError(
+                f"{where}: sample {i} holds token id {low if low < 0 else high}, outside the "
+                f"model's vocabulary (ids 0..{vocab - 1 if vocab else '?'}); were the samples "
+                "made with another model's tokenizer?"
+            )
+        check_sequence_length(model, ids.shape[-1], f"{where}: sample {i} length")
 
 
 def first_samples(batches: Any, count: int, purpose: str) -> list[dict[str, torch.Tensor]]:

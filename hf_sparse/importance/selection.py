@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 
 from torch import nn
@@ -66,8 +67,11 @@ def select_parameters(model: nn.Module, params: list[str] | str | None) -> dict[
                 hits.append(name)
         if not hits:
             roles = sorted({r for n in modules if (r := linear_role(n))})
+            words = sorted({part for n in named for part in n.split(".")} | set(roles))
+            close = difflib.get_close_matches(pattern.removeprefix("re:"), words, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
             raise ValueError(
-                f"parameter pattern {pattern!r} matches no parameter of this model; use a "
+                f"parameter pattern {pattern!r} matches no parameter of this model; {hint}use a "
                 f"parameter name, 're:<regex>', or a role of {roles or list(ROLES)}; "
                 f"names look like {list(named)[:3]}"
             )

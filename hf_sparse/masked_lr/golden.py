@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..config_utils import to_dict
 from ..importance.distributed import intersect_across_ranks, sum_across_ranks
 from ..importance.metrics import IMPORTANCE_METRICS, per_rank_scores
-from ..importance.samples import PromptFn, apply_prompt_fn
+from ..importance.samples import PromptFn, apply_prompt_fn, check_samples
 from ..importance.selection import select_parameters
 from ..masks import ParameterMasks, check_percent, top_k
 from ..models import find_decoder_blocks, parameter_layouts
@@ -78,6 +78,7 @@ def golden_masks(
     samples = apply_prompt_fn(dataset, prompt_fn, limit=config.num_samples)
     if not samples:
         raise ValueError("golden masks need at least one sample; the dataset is empty")
+    check_samples(samples, model, "dataset")
     if len(samples) < config.num_samples:
         logger.warning(
             "the dataset has %d examples, fewer than num_samples=%d: using all",

@@ -32,10 +32,11 @@ from typing import Any
 from torch import nn
 
 from ..config_utils import check_keys, from_dict, to_dict
-from ..data import draw_records, load_text, random_windows, tokenize
+from ..data import check_sequence_length, draw_records, load_text, random_windows, tokenize
 from ..importance import compute_importance, instruction_prompt_fn
 from ..importance.samples import apply_prompt_fn
-from ..io import atomic_output_dir
+from ..importance.selection import select_parameters
+from ..io import atomic_output_dir, check_output_dir, model_bytes
 from ..loading import base_model_id, load_checked
 from ..masks import ParameterMasks, top_k
 from ..models import parameter_layouts
@@ -140,6 +141,7 @@ def run_mask_job(
     show_progress: bool = True,
 ) -> tuple[ParameterMasks, dict[str, Any]]:
     """Run one mask job on ``data``; returns the masks and a summary (job, counts, timings)."""
+    check_mask_job(model, job, data)
     samples, held_out, prompt_fn = build_samples(tokenizer, data)
     start = time.perf_counter()
     runner = MASK_JOBS[mask_job_name(job)][1]
@@ -155,6 +157,15 @@ def run_mask_job(
         **outcome.summary,
     }
     return masks, summary
+
+
+def check_mask_job(model: nn.Module, job: MaskJobConfig, data: MaskDataConfig) -> int:
+    """The checks that need the model, before any data is read: sample length against the
+    model's positions, every ``params`` pattern matching a parameter. Returns the number of
+    selected entries (what the packed masks hold, one bit each)."""
+    check_sequence_length(model, data.max_length, "data.max_length")
+    selected = select_parameters(model, job.params)
+    return sum(p.numel() for p in selected.values())
 
 
 @dataclass
@@ -216,6 +227,9 @@ def run_mask_recipe(
     recipe: MaskRecipe, overwrite: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
     model, tokenizer = load_checked(recipe.model, recipe.output_dir, overwrite)
+    entries = check_mask_job(model, recipe.mask, recipe.data)
+    if recipe.output_dir is not None:
+        check_output_dir(recipe.output_dir, overwrite, entries // 8, inputs=[recipe.model])
     masks, summary = run_mask_job(model, tokenizer, recipe.mask, recipe.data, show_progress)
     if recipe.output_dir is not None:
         save_masks_output(
@@ -284,6 +298,13 @@ def run_finetune_recipe(
     from ..hub import render_adapter_card
 
     model, tokenizer = load_checked(recipe.model, recipe.output_dir, overwrite)
+    check_sequence_length(model, recipe.finetune.max_length, "finetune.max_length")
+    if recipe.mask is not None:
+        check_mask_job(model, recipe.mask, recipe.data)
+    if recipe.output_dir is not None:
+        full = recipe.finetune.adapter != "masked_lr"
+        expected = model_bytes(model) if full else model_bytes(model) // 8
+        check_output_dir(recipe.output_dir, overwrite, expected, inputs=[recipe.model])
     if recipe.mask is not None:
         masks, mask_summary = run_mask_job(model, tokenizer, recipe.mask, recipe.data)
     else:

@@ -31,7 +31,7 @@ from ..config_utils import to_dict
 from ..evaluation import masked_weights_zeroed
 from ..importance.distributed import all_reduce_, sum_across_ranks
 from ..importance.metrics import IMPORTANCE_METRICS, per_rank_scores
-from ..importance.samples import PromptFn, apply_prompt_fn
+from ..importance.samples import PromptFn, apply_prompt_fn, check_samples
 from ..masks import ParameterMasks, count_for
 from ..masks.ranking import flatten, top_count, unflatten
 from .config import ReverseGoldenConfig
@@ -169,6 +169,8 @@ def reverse_golden_masks(
         eval_dataset = list(itertools.islice(dataset, num_samples, num_samples + eval_samples))
     samples = apply_prompt_fn(dataset, prompt_fn, limit=num_samples)
     held_out = apply_prompt_fn(eval_dataset, prompt_fn, limit=eval_samples)
+    check_samples(samples, model, "dataset")
+    check_samples(held_out, model, "eval_dataset")
     selected = prepare_selection(model, config.params, config.last_blocks_percent)
     fn = IMPORTANCE_METRICS[config.metric]
     metric_options, scope = config.metric_options, config.scope

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..calibration import StatsCollector, all_reduce_stats, broadcast_block, run_sequential
+from ..data import check_batch_size, check_token_windows
 from ..linalg import damped_inverse_cholesky
 from ..models import ExpertLinear, target_linears, weight_matrix
 from .config import MergeConfig, MergeSource
@@ -170,6 +171,12 @@ def merge_(
     rule = check_merge_method(config.method)
     tasks = _as_tasks(sources, weights, config)
     streams = _streams(calibration, tasks, config.method) if config.needs_calibration else []
+    for index, stream in enumerate(streams):
+        check_token_windows(
+            stream, model, "calibration" if len(streams) == 1 else f"calibration[{index}]"
+        )
+    if streams:
+        check_batch_size(batch_size, "batch_size")
     base_name = base_name or getattr(model, "name_or_path", None)
     path_tasks = [t for t in tasks if t.vector is None]
     for task in path_tasks:
@@ -182,6 +189,11 @@ def merge_(
         else:
             _check_in_memory(model, task)
         logger.info("task vector of %s: %d changed tensors", task.label, len(task.vector))
+    if not any(task.vector for task in tasks):
+        raise ValueError(
+            f"no source differs from the base model ({[t.label for t in tasks]}): there is "
+            "nothing to merge; check that the sources are fine-tuned from this base"
+        )
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     params = dict(model.named_parameters())

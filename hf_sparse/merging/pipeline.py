@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ..config_utils import check_keys, from_dict, to_dict
+from ..data import check_lengths
 from ..evaluation import perplexity
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, model_bytes
 from ..loading import base_model_id, load_model_and_tokenizer
 from ..outputs import results_record, write_outputs
 from ..recipes import (
@@ -178,6 +179,19 @@ def _calibration_streams(recipe: MergeRecipe, tokenizer) -> list[torch.Tensor] |
     return streams
 
 
+def _recipe_lengths(recipe: MergeRecipe) -> dict[str, int | None]:
+    lengths: dict[str, int | None] = {}
+    if recipe.config.needs_calibration:
+        blocks = [recipe.calibration, *recipe.task_calibration]
+        for i, block in enumerate(blocks):
+            if block is not None:
+                where = "calibration" if i == 0 else f"models[{i - 1}].calibration"
+                lengths[f"{where}.sequence_length"] = block.sequence_length
+    if recipe.evaluation is not None:
+        lengths["evaluation.sequence_length"] = recipe.evaluation.sequence_length
+    return lengths
+
+
 def run_merge_recipe(
     recipe: MergeRecipe,
     output_dir: str | os.PathLike | None = None,
@@ -191,6 +205,11 @@ def run_merge_recipe(
     infos = [inspect_source(s.model) for s in recipe.sources]  # fails early on bad folders
     model, tokenizer = load_model_and_tokenizer(recipe.base_model, DTYPES[recipe.dtype])
     check_sources(model, infos, recipe.base_model, recipe.config.check_base)
+    check_lengths(model, _recipe_lengths(recipe))
+    if output_dir is not None:
+        full = recipe.output == "full"
+        expected = model_bytes(model) if full else model_bytes(model) // 4
+        check_output_dir(output_dir, overwrite, expected, inputs=[recipe.base_model])
     streams = _calibration_streams(recipe, tokenizer)
     metrics: dict[str, Any] = {}
     ev, eval_windows = recipe.evaluation, None

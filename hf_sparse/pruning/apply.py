@@ -30,10 +30,12 @@ from ..calibration import (
     run_sequential,
 )
 from ..config_utils import to_dict
+from ..data import check_batch_size, check_token_windows
 from ..models import (
     ExpertLinear,
     find_linear,
     matches_pattern,
+    near_names,
     set_weight_matrix,
     target_linears,
     weight_matrix,
@@ -180,7 +182,7 @@ def prune_(
     """
     if not isinstance(config, PruningConfig):
         raise TypeError(f"config must be a PruningConfig, got {type(config).__name__}")
-    grouped = target_linears(model, config.targets, config.ignore, config.blocks)
+    grouped = resolve_targets(model, config)
     if config.needs_calibration and calibration is None:
         raise ValueError(
             f"{config.method} needs calibration data: pass calibration=<[n, seq_len] token ids> "
@@ -188,7 +190,9 @@ def prune_(
         )
     if not isinstance(config, MagnitudeConfig | WandaConfig | SparseGPTConfig):
         raise TypeError(f"no pruning implementation for {type(config).__name__}")
-    _check_nm_shapes(config, grouped)
+    if config.needs_calibration:
+        check_token_windows(calibration, model, "calibration")
+        check_batch_size(batch_size, "batch_size")
     start = time.perf_counter()
     masks: dict[str, torch.Tensor] = {}
     fallbacks: dict[str, str] = {}
@@ -224,6 +228,28 @@ def prune_(
         f"; {len(fallbacks)} by magnitude fallback" if fallbacks else "",
     )
     return result
+
+
+def resolve_targets(model: nn.Module, config: PruningConfig) -> dict[str, dict[str, nn.Module]]:
+    """The linears ``config`` prunes, grouped by block, with every pattern checked (targets,
+    ignore, ``sparsity_per_layer`` keys, N:M shapes): the checks ``prune_`` runs before work,
+    also callable before building calibration data."""
+    grouped = target_linears(model, config.targets, config.ignore, config.blocks)
+    _check_per_layer_keys(config, grouped)
+    _check_nm_shapes(config, grouped)
+    return grouped
+
+
+def _check_per_layer_keys(config: PruningConfig, grouped: dict[str, dict[str, nn.Module]]) -> None:
+    """Every ``sparsity_per_layer`` key must match a pruned layer (else its value would be
+    silently unused)."""
+    named = [(n, m) for linears in grouped.values() for n, m in linears.items()]
+    for pattern in config.sparsity_per_layer:
+        if not any(matches_pattern(n, m, pattern) for n, m in named):
+            raise ValueError(
+                f"sparsity_per_layer key {pattern!r} matches none of the layers being pruned; "
+                f"{near_names(pattern, named)}"
+            )
 
 
 def _check_nm_shapes(config: PruningConfig, grouped: dict[str, dict[str, nn.Module]]) -> None:

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from ..config_utils import check_keys, from_dict, to_dict
+from ..data import check_lengths
 from ..evaluation import perplexity, sparsity_report
-from ..io import atomic_output_dir, check_output_dir
+from ..io import atomic_output_dir, check_output_dir, model_bytes
 from ..loading import base_model_id, load_model_and_tokenizer
 from ..masks.bitmask import MASKS_FILE, save_masks
 from ..outputs import results_record, write_outputs
@@ -43,7 +44,7 @@ from ..recipes import (
     read_recipe_file,
     register_recipe_kind,
 )
-from .apply import PruningResult, prune_
+from .apply import PruningResult, prune_, resolve_targets
 from .config import PruningConfig, pruning_config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -126,15 +127,19 @@ def oneshot(
     """
     recipe = _as_recipe(recipe)
     output_dir = output_dir if output_dir is not None else recipe.output_dir
+    source = (model or recipe.model) if model is None or isinstance(model, str) else None
     if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
-    if model is None or isinstance(model, str):
-        name = model or recipe.model
-        if not name:
+        check_output_dir(output_dir, overwrite, inputs=[source])
+    if source is not None:
+        if not source:
             raise ValueError("no model: pass one or set `model:` in the recipe")
-        model, loaded_tokenizer = load_model_and_tokenizer(name)
+        model, loaded_tokenizer = load_model_and_tokenizer(source)
         tokenizer = tokenizer or loaded_tokenizer
     base_name = getattr(model, "name_or_path", None) or recipe.model
+    check_lengths(model, _recipe_lengths(recipe, dataset))
+    resolve_targets(model, recipe.pruning)  # patterns that match nothing fail before work
+    if output_dir is not None:  # now that the size of the output is known, before any work
+        check_output_dir(output_dir, overwrite, _output_bytes(model), inputs=[source])
     if isinstance(dataset, torch.Tensor):
         calibration = dataset
     elif recipe.pruning.needs_calibration:
@@ -172,6 +177,20 @@ def oneshot(
     return OneshotResult(model, result, metrics, saved)
 
 
+def _recipe_lengths(recipe: PruningRecipe, dataset) -> dict[str, int | None]:
+    lengths: dict[str, int | None] = {}
+    if recipe.pruning.needs_calibration and not isinstance(dataset, torch.Tensor):
+        lengths["calibration.sequence_length"] = recipe.calibration.sequence_length
+    if recipe.evaluation is not None:
+        lengths["evaluation.sequence_length"] = recipe.evaluation.sequence_length
+    return lengths
+
+
+def _output_bytes(model: nn.Module) -> int:
+    """The weights (zeros in place) plus one bit per weight of the packed masks."""
+    return int(model_bytes(model) * 1.05)
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer,
@@ -203,7 +222,7 @@ def save_pruned(
         layers={r.name: round(r.sparsity, 6) for r in report},
     )
     recipe_dict = recipe.to_dict() if recipe is not None else None
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, _output_bytes(model)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -27,12 +27,13 @@ from torch import nn
 
 from ..config_utils import check_positive_ints, help_field
 from ..io import atomic_output_dir, check_output_dir
+from ..models import weight_matrix
 from .config import SPDConfig, SPDLossConfig
 from .core import kl_loss
 from .experiments import SPDTrainConfig
 from .layer import SPDRuntime
 from .metrics import alive_components, ci_l0, coactivation_clusters
-from .model import get_spd_model, set_spd_ablation, spd_layers, spd_runtime
+from .model import check_targets, get_spd_model, set_spd_ablation, spd_layers, spd_runtime
 from .objective import layer_importances, model_output, target_pass
 from .trainer import SPDTrainer
 
@@ -168,6 +169,16 @@ def round_trip(
     }
 
 
+def _adapter_bytes(model: nn.Module, config: SPDConfig) -> int:
+    """Components ``U [d_out, C]``, ``V [C, d_in]`` and the gates of every target, in fp32."""
+    modules = dict(model.named_modules())
+    total = 0
+    for name in check_targets(model, config):
+        d_out, d_in = weight_matrix(modules[name]).shape
+        total += config.C * (d_out + d_in) + config.C * (3 * config.gate_hidden + 1)
+    return 4 * total
+
+
 def run_lm_decomposition(
     experiment: LMExperiment,
     output_dir: str | os.PathLike | None = None,
@@ -176,7 +187,7 @@ def run_lm_decomposition(
 ) -> dict[str, Any]:
     """Decompose the experiment's linears; returns (and saves, with ``recipe``) metrics and the
     round trip."""
-    from ..data import calibration_windows, evaluation_windows
+    from ..data import calibration_windows, check_sequence_length, evaluation_windows
     from ..loading import base_model_id, load_model_and_tokenizer
     from ..outputs import results_record, write_outputs
     from .toy_run import training_arguments
@@ -188,6 +199,10 @@ def run_lm_decomposition(
     base, tokenizer = load_model_and_tokenizer(experiment.model)
     base.eval().requires_grad_(False)
     data = experiment.data
+    check_sequence_length(base, data.length, "data.length")
+    check_targets(base, config)  # target_modules that match nothing fail before the data
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite, _adapter_bytes(base, config), [experiment.model])
     windows = calibration_windows(tokenizer, data.source, data.count, data.length, data.seed)
     held_out = evaluation_windows(tokenizer, data.source, data.length, data.eval_count)
     load_s = time.perf_counter() - start

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_sparse.basis_sharing import basis_sharing_recipe_from_dict
 from hf_sparse.cli import build_parser
+from hf_sparse.recipes import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = " ".join(f"w{i % 97} w{(i * 7) % 89} w{(i * 13) % 31}" for i in range(3000))
@@ -36,7 +37,8 @@ def test_compress_from_flags_saves_a_loadable_adapter(tiny_folder, tmp_path, cap
     out = tmp_path / "out"
     argv = ["compress", "--model", str(tiny_folder), "--ratio", "0.3", "--group-size", "2",
             "--dataset", str(tmp_path / "text.txt"), "--num-samples", "4",
-            "--sequence-length", "32", "--eval-windows", "2", "--output-dir", str(out)]  # fmt: skip
+            "--sequence-length", "32", "--eval-windows", "2", "--eval-sequence-length", "32",
+            "--output-dir", str(out)]  # fmt: skip
     args = parse(argv)
     assert args.func(args) == 0
     assert "removed" in capsys.readouterr().out
@@ -94,11 +96,16 @@ def test_cli_errors_before_loading_anything(tmp_path):
         args.func(args)
 
 
-def test_a_group_larger_than_the_model_fails_before_calibration(tiny_folder, tmp_path):
+def test_a_group_larger_than_the_model_fails_before_calibration(tiny_folder, tmp_path, monkeypatch):
     args = parse(["compress", "--model", str(tiny_folder), "--ratio", "0.2", "--group-size",
-                  "8", "--dataset", str(tmp_path / "missing.txt"), "--no-eval",
-                  "--output-dir", str(tmp_path / "o")])  # fmt: skip
-    # the plan check fires before the (missing) calibration file is read
+                  "8", "--dataset", str(tmp_path / "text.txt"), "--sequence-length", "16",
+                  "--no-eval", "--output-dir", str(tmp_path / "o")])  # fmt: skip
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("calibration data was read before the plan was checked")
+
+    # the plan check fires before the calibration file is read
+    monkeypatch.setattr(CalibrationConfig, "windows", no_data)
     with pytest.raises(ValueError, match="larger than the number of layers"):
         args.func(args)
     assert not (tmp_path / "o").exists()
