@@ -7,9 +7,9 @@ Lifecycle of ``atomic_output_dir(path, overwrite, expected_bytes)``:
      them). Pipelines call it before any work, again once the model is loaded and the size of
      the output is known;
   2. a temporary folder ``.<name>.tmp-XXXX`` is made beside ``path`` with a marker file naming
-     the process (pid, host, start time) that owns it, and SIGTERM/SIGHUP (and SIGINT where it
-     would kill without unwinding) are turned into an exception while it is open, so that
-     every exit we control removes it;
+     the process (pid, host, start time) that owns it; the output is written to its ``content``
+     subfolder. While it is open SIGTERM/SIGHUP (and SIGINT where it would kill without
+     unwinding) are turned into an exception, so that every exit we control removes it;
   3. on success the old output (``overwrite``) is moved aside, the new one renamed into place
      and the old one deleted; a failure at any step leaves the previous output as it was.
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 TMP_MARKER = ".hf_sparse_tmp.json"
 """Written first into every temporary output folder: who owns it (pid, host, start time)."""
+CONTENT = "content"  # the output inside a temporary folder (the marker sits beside it)
 _MARGIN = 64 * 2**20  # bytes kept free beyond the estimate (tokenizer files, cards, metadata)
 _CAUGHT_SIGNALS = ("SIGTERM", "SIGHUP")
 
@@ -111,11 +112,9 @@ def clean_stale_outputs(parent: str | os.PathLike) -> list[Path]:
             )
             continue
         target = parent / owner["restore"] if owner.get("restore") else None
-        if target is not None and not target.exists():
-            (folder / TMP_MARKER).unlink(missing_ok=True)
-            os.replace(folder, target)
+        if target is not None and not target.exists() and (folder / CONTENT).is_dir():
+            os.replace(folder / CONTENT, target)
             logger.warning("restored %s from %s (a killed run had moved it aside)", target, folder)
-            continue
         shutil.rmtree(folder, ignore_errors=True)
         logger.warning("removed %s, left by killed process %s", folder, owner.get("pid"))
         removed.append(folder)
@@ -253,35 +252,34 @@ def unwind_on_signals() -> Iterator[None]:
 
 
 def make_temp_dir(path: Path, kind: str = "tmp", restore: str | None = None) -> Path:
-    """A new ``.<name>.<kind>-XXXX`` folder beside ``path`` carrying the owner marker (so the
-    next run can tell a killed run's leftover from a live one's)."""
+    """A new ``.<name>.<kind>-XXXX`` folder beside ``path`` holding the owner marker (so the
+    next run can tell a killed run's leftover from a live one's); the output itself is written
+    to its ``content`` subfolder, which never contains the marker."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{kind}-", dir=path.parent))
     owner = {**_owner(), "target": path.name, "restore": restore}
     (tmp / TMP_MARKER).write_text(json.dumps(owner) + "\n")
     return tmp
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path``; an existing ``path`` is moved aside first and deleted last,
-    and put back if the move fails, so the previous output survives any failure."""
-    (tmp / TMP_MARKER).unlink()
-    tmp.chmod(0o755)
+def _swap_into_place(content: Path, path: Path) -> None:
+    """Move ``content`` to ``path``; an existing ``path`` is moved aside first (into a marked
+    folder that names it for restoring) and deleted last, and put back if the move fails, so
+    the previous output survives any failure."""
+    content.chmod(0o755)
     if not path.exists():
-        os.replace(tmp, path)
+        os.replace(content, path)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-old-", dir=path.parent))
-    os.rmdir(aside)  # the name only: the old output is renamed onto it, marker added after
-    os.replace(path, aside)
+    aside = make_temp_dir(path, "tmp-old", restore=path.name)
     try:
-        owner = {**_owner(), "target": path.name, "restore": path.name}
-        (aside / TMP_MARKER).write_text(json.dumps(owner) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if not path.exists():
-            os.replace(aside, path)
-            (path / TMP_MARKER).unlink(missing_ok=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside / CONTENT)
+        try:
+            os.replace(content, path)
+        except BaseException:
+            if not path.exists():
+                os.replace(aside / CONTENT, path)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -298,11 +296,12 @@ def atomic_output_dir(
     with unwind_on_signals():
         tmp = make_temp_dir(path, "tmp")
         try:
-            yield tmp
-            _swap_into_place(tmp, path)
+            content = tmp / CONTENT
+            content.mkdir()
+            yield content
+            _swap_into_place(content, path)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:

@@ -203,7 +203,13 @@ def fetch_model(
     is written to a temporary folder and renamed into place, so a half-written folder is
     never left behind (one left by a killed run is removed by the next).
     """
-    from .io import check_writable_dir, clean_stale_outputs, make_temp_dir, unwind_on_signals
+    from .io import (
+        CONTENT,
+        check_writable_dir,
+        clean_stale_outputs,
+        make_temp_dir,
+        unwind_on_signals,
+    )
 
     if name not in KNOWN_MODELS:
         raise _unknown(name)
@@ -221,17 +227,18 @@ def fetch_model(
     logger.info("converting GGUF %s once; cached at %s", gguf, target)
     start = time.monotonic()
     with unwind_on_signals():
-        _convert_into_place(name, spec, gguf, target, make_temp_dir(target))
+        tmp = make_temp_dir(target)
+        try:
+            _convert_into_place(name, spec, gguf, target, tmp / CONTENT)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s in %.1f s", name, time.monotonic() - start)
     return target
 
 
 def _convert_into_place(name: str, spec: KnownModel, gguf: Path, target: Path, tmp: Path) -> None:
-    from .io import TMP_MARKER
-
     try:
         _convert(gguf, tmp)
-        (tmp / TMP_MARKER).unlink()
         marker = {"name": name, **asdict(spec), "gguf_path": str(gguf)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         for f in tmp.iterdir():  # mkdtemp and some writers use owner-only modes

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config_utils import check_positive_ints, help_field
+from ..data import check_data_source
 from ..importance import IMPORTANCE_METRICS
 from .clustering import CLUSTER_METHODS, PROFILE_LEVELS
 from .controls import RANKING_MODES
@@ -116,6 +117,8 @@ class AnalysisConfig:
              "n_clusters", "downstream_limit"),
             "analysis",
         )  # fmt: skip
+        check_data_source(self.dataset)
+        check_data_source(self.eval_dataset)
         for name in ("single_weight_candidates", "stability_subsets"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from peft.config import PeftConfig
 
 from ..config_utils import check_positive_ints, help_field
+from ..data import check_data_source
 from ..importance import IMPORTANCE_METRICS, check_metric_options
 from ..integrity import check_integrity_mode, load_config
 from ..masks import RANKING_SCOPES, check_percent
@@ -259,6 +260,7 @@ class MaskDataConfig:
                 f"data.format must be one of {list(DATA_FORMATS)}, got {self.format!r}"
             )
         check_positive_ints(self, ("num_samples", "eval_samples", "max_length"), "data")
+        check_data_source(self.dataset)
 
 
 FINETUNE_ADAPTERS = ("masked_lr", "full")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config_utils import check_positive_ints, help_field
+from ..data import check_data_source
 from ..io import atomic_output_dir, check_output_dir
 from ..models import weight_matrix
 from .config import SPDConfig, SPDLossConfig
@@ -50,6 +51,7 @@ class LMDataConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("count", "length", "eval_count"), "data")
+        check_data_source(self.source)
 
 
 @dataclass

@@ -148,15 +148,18 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_restored(tmp_path):
     next run puts the old one back (and removes the half-finished new one)."""
     target = tmp_path / "model"
     aside = io.make_temp_dir(target, "tmp-old", restore=target.name)
-    (aside / "weights.txt").write_text("previous output")
+    (aside / io.CONTENT).mkdir()
+    (aside / io.CONTENT / "weights.txt").write_text("previous output")
     new = io.make_temp_dir(target, "tmp")
+    (new / io.CONTENT).mkdir()
     owner = {"pid": _dead_pid(), "host": os.uname().nodename, "start": None}
     for folder, restore in ((aside, target.name), (new, None)):
         marker = json.loads((folder / io.TMP_MARKER).read_text())
         (folder / io.TMP_MARKER).write_text(json.dumps({**marker, **owner, "restore": restore}))
     io.check_output_dir(tmp_path / "elsewhere")
+    assert sorted(p.name for p in target.iterdir()) == ["weights.txt"]
     assert (target / "weights.txt").read_text() == "previous output"
-    assert not (target / io.TMP_MARKER).exists() and _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) == []
 
 
 def test_failed_overwrite_keeps_the_previous_output(tmp_path):

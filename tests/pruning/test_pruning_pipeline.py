@@ -104,6 +104,8 @@ def test_cli_prune_then_eval(tiny_dir, tmp_path, capsys):
             text,
             "--num-windows",
             "4",
+            "--eval-sequence-length",
+            "16",
             "--output-dir",
             str(out),
         ]
