@@ -13,7 +13,6 @@ case with the message it now produces (RESULTS.md, "Bad input").
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,12 +65,12 @@ def make_workspace(root: Path) -> Workspace:
         for param in model.parameters():
             param.add_(0.01 * torch.randn_like(param))
     model.save_pretrained(finetuned)
-    pickle_only = root / "pickle-only"
-    build_tiny_model("llama").save_pretrained(pickle_only, safe_serialization=False)
+    pickle_only = root / "pickle-only"  # the weights as a torch pickle only (never loaded here)
+    model = build_tiny_model("llama")
+    model.save_pretrained(pickle_only)
     tokenizer.save_pretrained(pickle_only)
-    for name in os.listdir(pickle_only):
-        if name.endswith(".safetensors"):
-            (pickle_only / name).unlink()
+    (pickle_only / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickle_only / "pytorch_model.bin")
     truncated = root / "truncated"
     build_tiny_model("llama").save_pretrained(truncated)
     tokenizer.save_pretrained(truncated)

@@ -60,7 +60,7 @@ def _no_install(ws: Workspace, monkeypatch) -> None:
     monkeypatch.setattr(subprocess, "run", refuse)
     monkeypatch.setattr(real_model, "_find_gguf", lambda spec: None)
     monkeypatch.setenv("HF_SPARSE_CACHE", str(ws.root / "empty-cache"))
-    monkeypatch.delenv(real_model.ALLOW_INSTALL_ENV, raising=False)
+    monkeypatch.delenv("HF_SPARSE_ALLOW_INSTALL", raising=False)
 
 
 def _tampered_gguf(ws: Workspace, monkeypatch) -> None:
@@ -69,13 +69,14 @@ def _tampered_gguf(ws: Workspace, monkeypatch) -> None:
     monkeypatch.setenv("HF_SPARSE_CACHE", str(ws.root / "empty-cache"))
 
 
-def _recipe(ws: Workspace, **pruning) -> dict:
+def _recipe(ws: Workspace, name: str, **pruning) -> dict:
+    """A small pruning recipe writing to its own output folder ``out-<name>``."""
     return {
         "model": str(ws.llama),
         "pruning": {"wanda": {"sparsity": 0.5, **pruning}},
         "calibration": {"dataset": str(ws.text), "num_samples": 2, "sequence_length": 16},
         "evaluation": None,
-        "output_dir": str(ws.root / "out-recipe"),
+        "output_dir": str(ws.root / f"out-{name}"),
     }
 
 
@@ -141,7 +142,8 @@ CASES = [
          ValueError, r"no source differs from the base model.*nothing to merge"),
     verb("merge-pickle-only-source", "merge_",
          lambda ws, mp: merge_(fresh(), MergeConfig("ties", 0.5), [ws.pickle_only]),
-         ValueError, r"pytorch_model.bin|pickle"),
+         ValueError, r"holds no \*.safetensors weights \(found \['pytorch_model.bin'\]: convert "
+        r"them to safetensors; pickles are never loaded\)"),
     verb("merge-no-sources", "merge_", lambda ws, mp: merge_(fresh(), MergeConfig("ties"), []),
          ValueError, r"sources must be a non-empty list"),
     # ---- get_basis_sharing_model
@@ -218,14 +220,16 @@ CASES = [
          ValueError, r"unknown metric 'fishr'"),
     # ---- run_recipe
     verb("recipe-ignore-everything", "run_recipe",
-         lambda ws, mp: run_recipe(_recipe(ws, ignore=ALL_ROLES)),
+         lambda ws, mp: run_recipe(_recipe(ws, "ignore", ignore=ALL_ROLES)),
          ValueError, r"leave no layer to work on"),
     verb("recipe-unknown-dataset", "run_recipe",
-         lambda ws, mp: run_recipe({**_recipe(ws), "calibration": {"dataset": "wikitext-2"}}),
+         lambda ws, mp: run_recipe({**_recipe(ws, "data"),
+                                    "calibration": {"dataset": "wikitext-2"}}),
          ValueError, r"unknown dataset 'wikitext-2' \(did you mean 'wikitext2'\?\)"),
     verb("recipe-length-over-positions", "run_recipe",
-         lambda ws, mp: run_recipe({**_recipe(ws), "calibration": {"dataset": str(ws.text),
-                                                                  "sequence_length": 129}}),
+         lambda ws, mp: run_recipe({**_recipe(ws, "length"),
+                                    "calibration": {"dataset": str(ws.text),
+                                                    "sequence_length": 129}}),
          ValueError, r"calibration.sequence_length 129 exceeds the model's maximum positions 128"),
     verb("recipe-unknown-kind", "run_recipe", lambda ws, mp: run_recipe({"model": "x"}),
          ValueError, r"is no known recipe kind"),
@@ -263,15 +267,21 @@ def run_case(case: Case, ws: Workspace, monkeypatch) -> BaseException | None:
     return None
 
 
+def check_answer(case: Case, error: BaseException | None) -> str:
+    """The table's assertions on one answer (and on the models the case handed over)."""
+    assert error is not None, f"{case.entry} accepted the bad input"
+    assert isinstance(error, case.error), repr(error)
+    line = first_line(str(error))
+    assert re.search(case.message, line), str(error)
+    for model, state in _GIVEN:  # refused before any work: the model is as it was given
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, state[name]), f"{case.entry} modified {name}"
+    return line
+
+
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
 def test_python_verb_bad_input(case: Case, ws, monkeypatch):
     _GIVEN.clear()
     before = snapshot(ws.root)
-    error = run_case(case, ws, monkeypatch)
-    assert error is not None, f"{case.entry} accepted the bad input"
-    assert isinstance(error, case.error), repr(error)
-    assert re.search(case.message, first_line(str(error))), str(error)
-    for model, state in _GIVEN:  # refused before any work: the model is as it was given
-        for name, tensor in model.state_dict().items():
-            assert torch.equal(tensor, state[name]), f"{case.entry} modified {name}"
+    check_answer(case, run_case(case, ws, monkeypatch))
     assert_nothing_written(before, snapshot(ws.root))
