@@ -150,7 +150,8 @@ CRASH_TESTS = [
     ("SIGTERM during a save", "temporary folder removed, exit 143"),
     ("hf-sparse prune + SIGTERM in the save", "'terminated by SIGTERM; the temporary output "
      "was removed', exit 143"),
-    ("hf-sparse prune + Ctrl-C in the save", "'interrupted; no output was written', exit 130"),
+    ("hf-sparse prune + Ctrl-C in the save", "'interrupted; no half-written output is left', "
+     "exit 130"),
     ("killed between moving the old output aside and renaming", "next run restores the old one"),
     ("failed --overwrite", "previous output intact"),
     ("read-only output location", "refused before loading the model"),

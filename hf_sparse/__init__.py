@@ -15,6 +15,7 @@ from .analysis import AnalysisConfig, SensitivityConfig, run_study, verify_study
 from .basis_sharing import BasisSharingConfig, fill_deferred_factors_, get_basis_sharing_model
 from .data import calibration_windows, evaluation_windows
 from .evaluation import perplexity, sparsity_report
+from .integrity import AdapterIntegrityError
 from .loading import load_model_and_tokenizer
 from .masked_lr import (
     FinetuneConfig,
@@ -50,6 +51,7 @@ from .spd import SPDConfig, SPDLossConfig, SPDTrainer, get_spd_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterIntegrityError",
     "RECIPE_FILE",
     "RECIPE_KINDS",
     "RESULTS_FILE",

@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{command}: interrupted; no output was written", file=sys.stderr)
+        print(f"{command}: interrupted; no half-written output is left", file=sys.stderr)
         return 130
     except Terminated as stop:
         print(f"{command}: {stop}; the temporary output was removed", file=sys.stderr)

@@ -50,6 +50,7 @@ SPD_KEYS = (
 )
 
 Experiment = ToyExperiment | LMExperiment
+_TOY_BYTES = 16 * 2**20  # a toy decomposition, its metrics and plots
 
 
 def _merge(cls: type, current: Any, values: Any, where: str) -> Any:
@@ -204,7 +205,8 @@ def run_spd_recipe(
 
     experiment = recipe.experiment
     output_dir = recipe.output_dir or f"spd-{experiment.name}"
-    check_output_dir(output_dir, overwrite)
+    toy = not isinstance(experiment, LMExperiment)  # a language model's size is known once loaded
+    check_output_dir(output_dir, overwrite, _TOY_BYTES if toy else None)
     saved = SPDRecipe(experiment, output_dir, recipe.plots).to_dict()
     if isinstance(experiment, LMExperiment):
         return run_lm_decomposition(experiment, output_dir, overwrite, recipe=saved)

@@ -117,7 +117,7 @@ def test_sigterm_during_a_save_removes_the_temporary_folder(tmp_path):
     ("signum", "code", "said"),
     [
         (signal.SIGTERM, 143, "terminated by SIGTERM; the temporary output was removed"),
-        (signal.SIGINT, 130, "interrupted; no output was written"),
+        (signal.SIGINT, 130, "interrupted; no half-written output is left"),
     ],
     ids=["SIGTERM", "Ctrl-C"],
 )
