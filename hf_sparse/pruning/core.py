@@ -91,7 +91,10 @@ def keep_mask_from_scores(
         keep.view(rows, cols // pattern.m, pattern.m).scatter_(-1, drop, False)
         return keep
     if per_row:
-        count = round(sparsity * cols)
+        per_row_count = sparsity * cols
+        if abs(per_row_count - round(per_row_count)) > 1e-6:
+            return _keep_per_row_exact(scores, per_row_count)
+        count = round(per_row_count)
         if count:
             drop = torch.topk(scores, count, dim=1, largest=False).indices
             keep.scatter_(1, drop, False)
@@ -101,6 +104,26 @@ def keep_mask_from_scores(
         drop = torch.topk(scores.flatten(), count, largest=False).indices
         keep.view(-1)[drop] = False
     return keep
+
+
+def _keep_per_row_exact(scores: torch.Tensor, per_row_count: float) -> torch.Tensor:
+    """Per-row pruning when ``sparsity * cols`` is not whole: row ``i`` prunes
+    ``round((i + 1) c) - round(i c)`` entries, so the matrix prunes ``round(rows * c)`` in all."""
+    rows = scores.shape[0]
+    bounds = torch.round(torch.arange(rows + 1, dtype=torch.float64) * per_row_count)
+    counts = (bounds[1:] - bounds[:-1]).to(torch.long).to(scores.device)
+    ranks = torch.empty_like(scores, dtype=torch.long)
+    order = torch.argsort(scores, dim=1, stable=True)
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    ranks.scatter_(1, order, positions)
+    return ranks >= counts.unsqueeze(1)
+
+
+def telescoped_sparsity(sparsity: float, rows: int, start: int, end: int) -> float:
+    """Sparsity of columns ``[start, end)`` of a ``rows``-row matrix such that the column slices
+    prune ``round(sparsity * rows * cols)`` entries in all (each slice's count telescopes)."""
+    count = round(sparsity * rows * end) - round(sparsity * rows * start)
+    return count / (rows * (end - start))
 
 
 def magnitude_mask(
@@ -188,7 +211,8 @@ def _obs_prune_block(
         for count, sparsity in row_groups:
             if sparsity > 0:
                 rows = slice(first, first + count)
-                block_keep[rows] = keep_mask_from_scores(saliency[rows], sparsity)
+                share = telescoped_sparsity(sparsity, count, start, end)
+                block_keep[rows] = keep_mask_from_scores(saliency[rows], share)
             first += count
     for j in range(end - start):
         if pattern is not None and j % pattern.m == 0:
