@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours", nargs="+", choices=list(OURS), default=list(OURS))
     p.add_argument("--peer", nargs="*", choices=list(PEER), default=list(PEER))
     p.add_argument("--no-peer-wanda", action="store_true", help="skip the peer's Wanda cells")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the cells of an earlier prune_table.json"
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell; median reported")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "prune_table")
     p.add_argument("--threads", type=int, default=2)
@@ -276,6 +279,28 @@ def save(args: argparse.Namespace, state: dict) -> None:
     (args.out / "prune_table.md").write_text(text)
 
 
+def schedule(args: argparse.Namespace, peer_variants: list[str]) -> list[tuple[str, str, str]]:
+    """(library, variant, row) in the order run: first SparseGPT with and without OWL, ours and
+    theirs interleaved, in every row; then our other variants; then the peer's Wanda."""
+    phases = [
+        [("ours", v) for v in args.ours if v.startswith("sparsegpt")],
+        [("ours", v) for v in args.ours if not v.startswith("sparsegpt")],
+        [("peer", v) for v in peer_variants if v.startswith("wanda")],
+    ]
+    peer_sparsegpt = [("peer", v) for v in peer_variants if v.startswith("sparsegpt")]
+    for i, cell_ in enumerate(peer_sparsegpt):  # interleave: ours, theirs, ours, theirs
+        phases[0].insert(min(2 * i + 1, len(phases[0])), cell_)
+    order = []
+    for phase in phases:
+        for row_name in args.rows:
+            unstructured = ROWS[row_name][1] == "unstructured"
+            for library, variant in phase:
+                owl = "owl" in variant
+                if unstructured or not owl:
+                    order.append((library, variant, row_name))
+    return order
+
+
 def orchestrate(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", *sys.argv])
@@ -284,41 +309,46 @@ def orchestrate(args: argparse.Namespace) -> None:
     if not peer_ok:
         print(f"[table] {base.PEER_PYTHON} missing: run benchmarks/setup_llmcompressor_venv.sh",
               file=sys.stderr)  # fmt: skip
-    shapes = child(worker_cmd(args, "--prepare"), "prepare windows")
-    args.model = Path(shapes.pop("model"))
-    dense = child(worker_cmd(args, "--evaluate", str(args.model)), "dense")
-    meta = {"command": command, "date": started, "repeats": args.repeats,
-            "threads": args.threads, "model": str(args.model), "windows": shapes,
-            "owl": f"M={OWL_M}, lambda={OWL_LAMBDA} (both libraries)",
-            "load at start": load_average()}  # fmt: skip
-    state = {"meta": meta, "dense": dense, "floor": None, "rows": {}}
-    state["floor"] = {**child(worker_cmd(args, "--floor"), "floor"), "load": load_average()}
+    earlier = args.out / "prune_table.json"
+    state = json.loads(earlier.read_text()) if args.resume and earlier.exists() else None
+    if state is None:
+        shapes = child(worker_cmd(args, "--prepare"), "prepare windows")
+        args.model = Path(shapes.pop("model"))
+        dense = child(worker_cmd(args, "--evaluate", str(args.model)), "dense")
+        meta = {"command": command, "date": started, "repeats": args.repeats,
+                "threads": args.threads, "model": str(args.model), "windows": shapes,
+                "owl": f"M={OWL_M}, lambda={OWL_LAMBDA} (both libraries)",
+                "load at start": load_average()}  # fmt: skip
+        state = {"meta": meta, "dense": dense, "floor": None, "rows": {}}
+    else:
+        args.model = Path(state["meta"]["model"])
+        state["meta"].setdefault("resumed", []).append({"command": command, "date": started})
+    dense = state["dense"]
+    if not state.get("floor") or "error" in state["floor"]:
+        state["floor"] = {**child(worker_cmd(args, "--floor"), "floor"), "load": load_average()}
     save(args, state)
     peer_variants = [v for v in args.peer if not (args.no_peer_wanda and v.startswith("wanda"))]
-    for row_name in args.rows:
+    for library, variant, row_name in schedule(args, peer_variants):
         sparsity, mask = ROWS[row_name]
-        row = state["rows"][row_name] = {"sparsity": sparsity, "mask": mask, "ours": {},
-                                         "peer": {}}  # fmt: skip
-        ours = [v for v in args.ours if mask == "unstructured" or "owl" not in v]
-        peers = [v for v in peer_variants if mask == "unstructured" or not PEER[v][1]]
-        schedule = [("ours", v) for v in ours]
-        for i, v in enumerate(peers):  # interleave: ours, theirs, ours, theirs, ...
-            schedule.insert(min(2 * i + 1, len(schedule)), ("peer", v))
-        for library, variant in schedule:
-            if library == "peer" and not peer_ok:
-                continue
-            load = load_average()
-            if library == "ours":
-                record = child(worker_cmd(args, "--cell", variant, str(sparsity), mask),
-                               f"ours {variant} {row_name}")  # fmt: skip
-            else:
-                record = run_peer(args, variant, sparsity, mask)
-            record["load_before"] = load
-            record["check"] = check_zeros(record, dense["zeros"], sparsity)
-            row[library][variant] = record
-            brief = {k: record.get(k) for k in ("ppl", "wall_s", "peak_rss_mib", "check")}
-            print(f"[table] {row_name} {library} {variant}: {brief}", file=sys.stderr, flush=True)
-            save(args, state)
+        row = state["rows"].setdefault(
+            row_name, {"sparsity": sparsity, "mask": mask, "ours": {}, "peer": {}}
+        )
+        if variant in row[library] and "error" not in row[library][variant]:
+            continue
+        if library == "peer" and not peer_ok:
+            continue
+        load = load_average()
+        if library == "ours":
+            record = child(worker_cmd(args, "--cell", variant, str(sparsity), mask),
+                           f"ours {variant} {row_name}")  # fmt: skip
+        else:
+            record = run_peer(args, variant, sparsity, mask)
+        record["load_before"] = load
+        record["check"] = check_zeros(record, dense["zeros"], sparsity)
+        row[library][variant] = record
+        brief = {k: record.get(k) for k in ("ppl", "wall_s", "peak_rss_mib", "check")}
+        print(f"[table] {row_name} {library} {variant}: {brief}", file=sys.stderr, flush=True)
+        save(args, state)
     state["meta"]["load at end"] = load_average()
     save(args, state)
     print((args.out / "prune_table.md").read_text())
