@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..calibration import StatsCollector, all_reduce_stats, broadcast_block, run_sequential
 from ..linalg import damped_inverse_cholesky
 from ..models import ExpertLinear, target_linears, weight_matrix
+from ..pruning.owl import dense_input_sq_norms, plan_owl
 from .config import MergeConfig, MergeSource
 from .core import (
     MergeRule,
@@ -293,6 +295,7 @@ def _merge_obs(
     merged: TaskVector = {}
     options = ObsOptions(config.block_size, config.dampening, config.rescale)
     measuring: list[_StreamCollectors] = []  # the collectors of the block being measured
+    owl = _owl_densities(model, tasks, config, streams, by_block, batch_size, show_progress)
 
     def on_stream(stream: int) -> None:
         if measuring:
@@ -314,7 +317,7 @@ def _merge_obs(
                 if missing:
                     raise RuntimeError(f"{missing} saw no input during calibration (unused?)")
                 all_reduce_stats(item)
-            block_deltas = _merge_block(linears, stats, tasks, rule, config, options, errors)
+            block_deltas = _merge_block(linears, stats, tasks, rule, config, options, errors, owl)
             merged.update(block_deltas)
             if config.sequential:
                 _add_deltas_(dict(model.named_parameters()), block_deltas)
@@ -342,8 +345,10 @@ def _merge_block(
     config: MergeConfig,
     options: ObsOptions,
     errors: dict[str, list[float]],
+    owl: list[dict[str, float]] | None = None,
 ) -> TaskVector:
-    """Prune every task vector of a block's linears with its Hessian, then combine."""
+    """Prune every task vector of a block's linears with its Hessian, then combine.
+    ``owl``: per task, the sparsity of each linear's task vector (OWL); None = uniform."""
     groups: dict[int, list[str]] = {}
     for name in linears:  # layers reading the same input share one Hessian and one solve
         groups.setdefault(id(stats[0][name]), []).append(name)
@@ -372,7 +377,10 @@ def _merge_block(
                 task.density,
                 options,
                 hinv_upper=shared_factor if len(stats) == 1 else None,
-                row_groups=[(r.shape[0], 1.0 - task.density) for r in rows],
+                row_groups=[
+                    (r.shape[0], owl[index][n] if owl else 1.0 - task.density)
+                    for n, r in zip(names, rows, strict=True)
+                ],
             )
             first = 0
             for n, r in zip(names, rows, strict=True):
@@ -393,6 +401,40 @@ def _merge_block(
     return block_deltas
 
 
+def _owl_densities(
+    model: nn.Module,
+    tasks: list[_Task],
+    config: MergeConfig,
+    streams: list[torch.Tensor],
+    by_block: dict[str, dict[str, nn.Module]],
+    batch_size: int,
+    show_progress: bool,
+) -> list[dict[str, float]] | None:
+    """OWL for task vectors: per task, per-layer sparsities from the outlier shares of
+    ``|tau| * ||X||`` per block, ``X`` = the base model's activations on all calibration data."""
+    if config.sparsity_profile != "owl":
+        return None
+    norms: dict[str, torch.Tensor] = {}
+    for stream in streams:
+        found = dense_input_sq_norms(model, stream, by_block, batch_size, config.blocks,
+                                     show_progress)  # fmt: skip
+        for name, value in found.items():
+            norms[name] = norms[name] + value if name in norms else value
+    plans = []
+    for task in tasks:
+
+        def vector(name: str, module: nn.Module, task: _Task = task) -> torch.Tensor:
+            delta = task.vector.get(f"{name}.weight")
+            if delta is None:  # this task did not change the layer
+                return torch.zeros(weight_matrix(module).shape)
+            return delta.t() if isinstance(module, Conv1D) else delta
+
+        plan = plan_owl(by_block, norms, 1.0 - task.density, config.owl_m, config.owl_lambda,
+                        vector)  # fmt: skip
+        plans.append(plan.layer_sparsity)
+    return plans
+
+
 def _record_merge_config(
     model: nn.Module, config: MergeConfig, tasks: list[_Task], result: MergeResult
 ) -> None:
@@ -404,6 +446,7 @@ def _record_merge_config(
         "models": [{"model": t.label, "weight": t.weight, "density": t.density} for t in tasks],
         "sequential": config.sequential if config.needs_calibration else None,
         "hessians": config.hessians if config.needs_calibration else None,
+        "sparsity_profile": config.sparsity_profile,
         "merged_tensors": len(result.deltas),
         "measured_density": round(result.density, 6),
         "library": "hf_sparse",

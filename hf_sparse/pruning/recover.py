@@ -54,6 +54,11 @@ class RecoveryConfig:
         None,
     )
     seed: int = help_field("Seed of the window order and of training.", 0)
+    train_embeddings: bool = help_field(
+        "Also train the input/output embeddings (never pruned). False = only the decoder "
+        "blocks (and final norm) train, which skips the LM head's weight gradient.",
+        False,
+    )
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("steps", "batch_size", "sequence_length"), "recover")
@@ -157,8 +162,6 @@ def recover_(
 
     Perplexity on ``eval_windows`` is recorded after each step in ``config.eval_at``.
     """
-    from transformers import Trainer, TrainingArguments
-
     from ..callbacks.pruning import PruningCallback
     from ..evaluation import overall_sparsity, sparsity_report
 
@@ -170,6 +173,31 @@ def recover_(
     result = RecoveryResult()
     callback = PruningCallback(pruning_config)
     callback.masks = dict(masks)  # already pruned: keep these masks, do not prune again
+    frozen = [] if config.train_embeddings else _embedding_parameters(model)
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        _train(model, train, callback, config, eval_windows, result, show_progress)
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+    model.eval()
+    result.sparsity_after = overall_sparsity(sparsity_report(model, sorted(masks)))
+    return result
+
+
+def _embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None and module.weight.requires_grad:
+            params[id(module.weight)] = module.weight
+    return list(params.values())
+
+
+def _train(model, train, callback, config, eval_windows, result, show_progress) -> None:
+    from transformers import Trainer, TrainingArguments
+
     with tempfile.TemporaryDirectory(prefix="hf_sparse_recover_") as tmp:
         args = TrainingArguments(
             output_dir=tmp,
@@ -197,6 +225,3 @@ def recover_(
         start = time.perf_counter()
         trainer.train()
         result.seconds = time.perf_counter() - start - result.eval_seconds
-    model.eval()
-    result.sparsity_after = overall_sparsity(sparsity_report(model, sorted(masks)))
-    return result
