@@ -67,6 +67,9 @@ def test_recovery_trains_the_kept_weights_and_keeps_exact_zeros(arch, config, te
         assert torch.all(weight[~keep] == 0), name  # the mask is kept, to the bit
         changed += int((weight[keep] != before[name][keep]).sum())
     assert changed > 0  # and the kept weights were trained
+    fresh = build_tiny_model(arch)  # embeddings (never pruned) are frozen by default
+    assert torch.equal(model.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
+    assert model.get_input_embeddings().weight.requires_grad  # and unfrozen afterwards
     assert recovery.sparsity_after == pytest.approx(result.sparsity, abs=1e-9)
     assert set(recovery.perplexity) == {6} and recovery.losses
 
