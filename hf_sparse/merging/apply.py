@@ -381,6 +381,7 @@ def _merge_block(
                     (r.shape[0], owl[index][n] if owl else 1.0 - task.density)
                     for n, r in zip(names, rows, strict=True)
                 ],
+                exact_total=owl is not None,
             )
             first = 0
             for n, r in zip(names, rows, strict=True):

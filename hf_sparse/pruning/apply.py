@@ -136,7 +136,9 @@ def _block_pruner(
         for name, module in seen.items():
             weight = weight_matrix(module)
             sparsity = layer_sparsity(config, name, module, plan)
-            keep = select_mask(config, weight, collector.stats[name].sq_norms, sparsity)
+            keep = select_mask(
+                config, weight, collector.stats[name].sq_norms, sparsity, plan is not None
+            )
             if means is not None:
                 keep = dsnot_refine(
                     weight, keep, means.mean(name), collector.stats[name].sq_norms,
@@ -150,14 +152,19 @@ def _block_pruner(
 
 
 def select_mask(
-    config: PruningConfig, weight: torch.Tensor, sq_norms: torch.Tensor, sparsity: float
+    config: PruningConfig,
+    weight: torch.Tensor,
+    sq_norms: torch.Tensor,
+    sparsity: float,
+    exact_total: bool = False,
 ) -> torch.Tensor:
-    """The keep-mask of a mask-only method (magnitude, Wanda, Wanda with RIA scores)."""
+    """The keep-mask of a mask-only method (magnitude, Wanda, Wanda with RIA scores);
+    ``exact_total``: prune exactly ``round(sparsity * numel)`` (OWL's budgets)."""
     if isinstance(config, MagnitudeConfig):
         return magnitude_mask(weight, sparsity, config.pattern)
     if getattr(config, "score", "wanda") == "ria":
         return keep_mask_from_scores(ria_scores(weight, sq_norms), sparsity, config.pattern)
-    return wanda_mask(weight, sq_norms, sparsity, config.pattern)
+    return wanda_mask(weight, sq_norms, sparsity, config.pattern, exact_total)
 
 
 class _InputSums:
@@ -221,6 +228,7 @@ def _obs_prune_shared(
             block_size=config.block_size,
             damp=config.dampening,
             row_groups=row_groups,
+            exact_total=plan is not None,
         )
         first = 0
         for name, (rows, _) in zip(names, row_groups, strict=True):

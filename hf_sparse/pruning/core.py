@@ -74,13 +74,19 @@ def _check_nm_columns(cols: int, pattern: NMPattern) -> None:
 
 
 def keep_mask_from_scores(
-    scores: torch.Tensor, sparsity: float, pattern: NMPattern | None = None, per_row: bool = False
+    scores: torch.Tensor,
+    sparsity: float,
+    pattern: NMPattern | None = None,
+    per_row: bool = False,
+    exact_total: bool = False,
 ) -> torch.Tensor:
     """Keep the highest-scoring entries.
 
     Unstructured: prune exactly ``round(sparsity * count)`` lowest scores, over the whole
     matrix or (``per_row``) within each row. N:M: prune the ``m - n`` lowest of each group
-    of ``m`` consecutive columns in every row.
+    of ``m`` consecutive columns in every row. ``exact_total`` (per row): when
+    ``sparsity * cols`` is not whole, rows prune ``floor`` or ``ceil`` of it so that the matrix
+    prunes ``round(sparsity * rows * cols)`` in all (OWL's exact budgets).
     """
     rows, cols = scores.shape
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
@@ -92,7 +98,7 @@ def keep_mask_from_scores(
         return keep
     if per_row:
         per_row_count = sparsity * cols
-        if abs(per_row_count - round(per_row_count)) > 1e-6:
+        if exact_total and abs(per_row_count - round(per_row_count)) > 1e-6:
             return _keep_per_row_exact(scores, per_row_count)
         count = round(per_row_count)
         if count:
@@ -138,9 +144,11 @@ def wanda_mask(
     input_sq_norms: torch.Tensor,
     sparsity: float,
     pattern: NMPattern | None = None,
+    exact_total: bool = False,
 ) -> torch.Tensor:
     """Wanda keep-mask: scores compared within each output row (the paper's default)."""
-    return keep_mask_from_scores(wanda_scores(weight, input_sq_norms), sparsity, pattern, True)
+    scores = wanda_scores(weight, input_sq_norms)
+    return keep_mask_from_scores(scores, sparsity, pattern, True, exact_total)
 
 
 def obs_prune(
@@ -152,6 +160,7 @@ def obs_prune(
     damp: float = 0.01,
     hinv_upper: torch.Tensor | None = None,
     row_groups: list[tuple[int, float]] | None = None,
+    exact_total: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune ``target`` and correct the remaining entries with the inverse Hessian.
 
@@ -164,6 +173,8 @@ def obs_prune(
     ``row_groups`` = ``[(row count, sparsity), ...]`` covering the rows: several layers that
     read the same input (q/k/v) stacked into one target, each with its own unstructured mask
     budget. Rows are independent given ``H``, so this equals solving them one by one.
+    ``exact_total``: the column blocks' unstructured budgets telescope, so each row group
+    prunes exactly ``round(sparsity * rows * cols)`` (OWL's exact budgets).
     """
     rows, cols = target.shape
     if row_groups is None:
@@ -187,7 +198,7 @@ def obs_prune(
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        _obs_prune_block(w, hinv, keep, start, end, row_groups, pattern)
+        _obs_prune_block(w, hinv, keep, start, end, row_groups, pattern, exact_total)
     return w, keep
 
 
@@ -199,6 +210,7 @@ def _obs_prune_block(
     end: int,
     row_groups: list[tuple[int, float]],
     pattern: NMPattern | None,
+    exact_total: bool = False,
 ) -> None:
     block = w[:, start:end].clone()
     hinv_block = hinv[start:end, start:end]
@@ -211,7 +223,9 @@ def _obs_prune_block(
         for count, sparsity in row_groups:
             if sparsity > 0:
                 rows = slice(first, first + count)
-                share = telescoped_sparsity(sparsity, count, start, end)
+                share = sparsity
+                if exact_total:
+                    share = telescoped_sparsity(sparsity, count, start, end)
                 block_keep[rows] = keep_mask_from_scores(saliency[rows], share)
             first += count
     for j in range(end - start):

@@ -62,11 +62,11 @@ def test_dsnot_with_n_m_swaps_inside_groups():
 
 def test_per_row_budgets_are_exact_when_sparsity_times_columns_is_fractional():
     scores = torch.rand(7, 10, generator=torch.Generator().manual_seed(0))
-    keep = keep_mask_from_scores(scores, 0.33, per_row=True)  # 3.3 per row
+    keep = keep_mask_from_scores(scores, 0.33, per_row=True, exact_total=True)  # 3.3 per row
     assert int((~keep).sum()) == round(0.33 * 70)
     assert set((~keep).sum(1).tolist()) <= {3, 4}
     w = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
-    _, keep = obs_prune(w, torch.eye(40), 0.37, block_size=16)
+    _, keep = obs_prune(w, torch.eye(40), 0.37, block_size=16, exact_total=True)
     assert int((~keep).sum()) == round(0.37 * w.numel())
 
 
@@ -98,8 +98,9 @@ def test_options_keep_the_exact_budget_and_are_deterministic(arch, config):
         zeros = sum(int((weight_matrix(m) == 0).sum()) for m in linears.values())
         if config.owl:
             assert zeros == round(config.sparsity * total)
-        else:
-            assert zeros == pytest.approx(config.sparsity * total, abs=len(linears))
+        else:  # per-row rounding: at most half a weight per row
+            cols = min(weight_matrix(m).shape[1] for m in linears.values())
+            assert abs(zeros / total - config.sparsity) <= 0.5 / cols
         masks.append(result.masks)
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
