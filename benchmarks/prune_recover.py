@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training window")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--calib-windows", type=int, default=64, help="protocol v1: 64")
+    p.add_argument("--eval-windows", type=int, default=32, help="protocol v1: 32")
     p.add_argument("--dense-ppl", type=float, help="skip the dense evaluation, use this figure")
     return p.parse_args(argv)
 
@@ -59,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or fetch_model()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    calib = calibration_windows(tokenizer, "wikitext2", count=64, length=512, seed=0)
-    evals = evaluation_windows(tokenizer, "wikitext2", length=512, count=32)
+    calib = calibration_windows(
+        tokenizer, "wikitext2", count=args.calib_windows, length=512, seed=0
+    )
+    evals = evaluation_windows(tokenizer, "wikitext2", length=512, count=args.eval_windows)
     record: dict = {"case": args.case, "load_at_start": os.getloadavg(), "args": {
         k: str(v) for k, v in vars(args).items()}}  # fmt: skip
     if args.dense_ppl is None:
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_s = time.perf_counter() - start
     recovery = RecoveryConfig(
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
-        sequence_length=args.seq_len, eval_at=list(args.eval_at),
+        sequence_length=args.seq_len, eval_at=list(args.eval_at), warmup_steps=args.warmup,
     )  # fmt: skip
     recovered = recover_(model, result.masks, config, recovery, tokenizer, "wikitext2", evals,
                          show_progress=False)  # fmt: skip

@@ -161,6 +161,7 @@ def obs_prune(
     hinv_upper: torch.Tensor | None = None,
     row_groups: list[tuple[int, float]] | None = None,
     exact_total: bool = False,
+    inner_block: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune ``target`` and correct the remaining entries with the inverse Hessian.
 
@@ -175,6 +176,9 @@ def obs_prune(
     budget. Rows are independent given ``H``, so this equals solving them one by one.
     ``exact_total``: the column blocks' unstructured budgets telescope, so each row group
     prunes exactly ``round(sparsity * rows * cols)`` (OWL's exact budgets).
+    ``inner_block``: inside a block, columns are updated one by one only within sub-blocks of
+    this width, the rest of the block by one matrix product per sub-block (the same result up
+    to float rounding; ``inner_block >= block_size`` = the one-level loop of the paper).
     """
     rows, cols = target.shape
     if row_groups is None:
@@ -198,7 +202,7 @@ def obs_prune(
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        _obs_prune_block(w, hinv, keep, start, end, row_groups, pattern, exact_total)
+        _obs_prune_block(w, hinv, keep, start, end, row_groups, pattern, exact_total, inner_block)
     return w, keep
 
 
@@ -211,6 +215,7 @@ def _obs_prune_block(
     row_groups: list[tuple[int, float]],
     pattern: NMPattern | None,
     exact_total: bool = False,
+    inner_block: int = 32,
 ) -> None:
     block = w[:, start:end].clone()
     hinv_block = hinv[start:end, start:end]
@@ -228,15 +233,31 @@ def _obs_prune_block(
                     share = telescoped_sparsity(sparsity, count, start, end)
                 block_keep[rows] = keep_mask_from_scores(saliency[rows], share)
             first += count
-    for j in range(end - start):
-        if pattern is not None and j % pattern.m == 0:
-            saliency = block[:, j : j + pattern.m] ** 2 / diag[j : j + pattern.m] ** 2
-            block_keep[:, j : j + pattern.m] = keep_mask_from_scores(saliency, 0.0, pattern)
-        column = block[:, j]
-        quantised = torch.where(block_keep[:, j], column, torch.zeros_like(column))
-        error = (column - quantised) / diag[j]
-        block[:, j:] -= error.unsqueeze(1) * hinv_block[j, j:].unsqueeze(0)
-        block[:, j] = quantised
-        errors[:, j] = error
+    width = end - start
+    inner = _inner_width(width, pattern, inner_block)
+    for first_col in range(0, width, inner):  # lazy updates at two levels (as GPTQ's batches)
+        last_col = min(first_col + inner, width)
+        for j in range(first_col, last_col):
+            if pattern is not None and j % pattern.m == 0:
+                saliency = block[:, j : j + pattern.m] ** 2 / diag[j : j + pattern.m] ** 2
+                block_keep[:, j : j + pattern.m] = keep_mask_from_scores(saliency, 0.0, pattern)
+            column = block[:, j]
+            kept = block_keep[:, j]
+            error = column * ~kept / diag[j]
+            quantised = column * kept
+            block[:, j:last_col].addr_(error, hinv_block[j, j:last_col], alpha=-1)
+            block[:, j] = quantised
+            errors[:, j] = error
+        if last_col < width:
+            block[:, last_col:].addmm_(
+                errors[:, first_col:last_col], hinv_block[first_col:last_col, last_col:], alpha=-1
+            )
     w[:, start:end] = block
     w[:, end:] -= errors @ hinv[start:end, end:]
+
+
+def _inner_width(width: int, pattern: NMPattern | None, target: int = 32) -> int:
+    """Columns updated one by one before a matrix update of the rest of the block: a multiple
+    of M for N:M masks (whose groups are chosen on fully updated columns)."""
+    step = pattern.m if pattern is not None else 1
+    return min(width, max(step, target // step * step))
