@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..calibration import StatsCollector, all_reduce_stats, broadcast_block, run_sequential
 from ..linalg import damped_inverse_cholesky
 from ..models import ExpertLinear, target_linears, weight_matrix
-from ..pruning.owl import dense_input_sq_norms, plan_owl
 from .config import MergeConfig, MergeSource
 from .core import (
     MergeRule,
@@ -41,6 +39,7 @@ from .core import (
     reconstruction_error,
     sparsify,
 )
+from .owl import owl_densities
 from .task_vectors import SourceInfo, check_sources, inspect_source, load_task_vector
 
 logger = logging.getLogger(__name__)
@@ -295,7 +294,7 @@ def _merge_obs(
     merged: TaskVector = {}
     options = ObsOptions(config.block_size, config.dampening, config.rescale)
     measuring: list[_StreamCollectors] = []  # the collectors of the block being measured
-    owl = _owl_densities(model, tasks, config, streams, by_block, batch_size, show_progress)
+    owl = owl_densities(model, tasks, config, streams, by_block, batch_size, show_progress)
 
     def on_stream(stream: int) -> None:
         if measuring:
@@ -400,40 +399,6 @@ def _merge_block(
             block_deltas[f"{n}.weight"] = merged.t().contiguous() if conv[n] else merged
             first += rows_n
     return block_deltas
-
-
-def _owl_densities(
-    model: nn.Module,
-    tasks: list[_Task],
-    config: MergeConfig,
-    streams: list[torch.Tensor],
-    by_block: dict[str, dict[str, nn.Module]],
-    batch_size: int,
-    show_progress: bool,
-) -> list[dict[str, float]] | None:
-    """OWL for task vectors: per task, per-layer sparsities from the outlier shares of
-    ``|tau| * ||X||`` per block, ``X`` = the base model's activations on all calibration data."""
-    if config.sparsity_profile != "owl":
-        return None
-    norms: dict[str, torch.Tensor] = {}
-    for stream in streams:
-        found = dense_input_sq_norms(model, stream, by_block, batch_size, config.blocks,
-                                     show_progress)  # fmt: skip
-        for name, value in found.items():
-            norms[name] = norms[name] + value if name in norms else value
-    plans = []
-    for task in tasks:
-
-        def vector(name: str, module: nn.Module, task: _Task = task) -> torch.Tensor:
-            delta = task.vector.get(f"{name}.weight")
-            if delta is None:  # this task did not change the layer
-                return torch.zeros(weight_matrix(module).shape)
-            return delta.t() if isinstance(module, Conv1D) else delta
-
-        plan = plan_owl(by_block, norms, 1.0 - task.density, config.owl_m, config.owl_lambda,
-                        vector)  # fmt: skip
-        plans.append(plan.layer_sparsity)
-    return plans
 
 
 def _record_merge_config(
