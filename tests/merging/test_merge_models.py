@@ -173,6 +173,7 @@ def test_bad_input_fails_before_the_base_changes(saved_family, tmp_path):
     assert all(torch.equal(after[n], before[n]) for n in before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_sparsegpt_tv_with_owl_keeps_each_task_density_exact(saved_family, arch):
     base, _, folders = saved_family(arch, 2)
