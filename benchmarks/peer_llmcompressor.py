@@ -26,6 +26,9 @@ import torch
 
 # Decoder-layer linears only (q/k/v/o_proj, gate/up/down_proj); never lm_head.
 TARGETS = [r"re:.*layers\.\d+\.(self_attn|mlp)\..*_proj$"]
+# With OWL, llm-compressor wants its targets to be the decoder layers themselves (one sparsity
+# per layer); it then prunes every Linear inside them: the same seven projections.
+OWL_TARGETS = [r"re:.*layers\.\d+$"]
 IGNORE = [r"re:.*lm_head"]
 
 
@@ -58,7 +61,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening_frac")
     p.add_argument("--block-size", type=int, default=128, help="SparseGPT block_size")
+    p.add_argument("--owl", action="store_true", help='sparsity_profile="owl"')
+    p.add_argument("--owl-m", type=int, default=5, help="OWL owl_m")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL owl_lmbda")
     return p.parse_args(argv)
+
+
+def patch_owl() -> list[str]:
+    """Work around two faults of llm-compressor 0.14.0.1's OWL so that its own maths runs.
+
+    1. ``_get_activations`` calls ``run_calibration`` from ``on_initialize``, which emits a
+       lifecycle event before the session is initialised: "Cannot invoke event before
+       initializing". Here the same sums (``1/128 * ||x||`` per batch, per Linear input) are
+       taken by plain forward passes over the same dataloader.
+    2. ``_infer_owl_layer_sparsity`` returns a dict, which ``on_calibration_start`` hands to
+       every layer whole (only a list is indexed per layer); returned here as a list in the
+       order of the target layers.
+    """
+    from collections import defaultdict
+
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+
+    infer = SparsityModifierBase._infer_owl_layer_sparsity
+
+    def get_activations(self, model, dataloader, nsamples=128):
+        acts = defaultdict(int)
+
+        def save(name):
+            def hook(_module, args):
+                x = args[0] if isinstance(args, tuple) else args
+                acts[name] += 1.0 / nsamples * x.pow(2).sum(dim=(0, 1)).sqrt()
+
+            return hook
+
+        handles = [
+            mod.register_forward_pre_hook(save(name))
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name
+        ]
+        try:
+            with torch.no_grad():
+                for batch in dataloader:
+                    model(
+                        **{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                    )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return acts
+
+    def infer_as_list(self, model, layers, dataloader):
+        sparsities = infer(self, model, layers, dataloader)
+        return [float(sparsities[name]) for name in layers]
+
+    SparsityModifierBase._get_activations = get_activations
+    SparsityModifierBase._infer_owl_layer_sparsity = infer_as_list
+    return ["_get_activations: plain forward passes", "_infer_owl_layer_sparsity: list"]
 
 
 def load_calib(path: Path):
@@ -97,6 +155,11 @@ def load_processor(model_dir: Path) -> tuple[object, bool]:
 def build_recipe(args: argparse.Namespace) -> list:
     mask = "0:0" if args.mask == "unstructured" else "2:4"
     common = dict(sparsity=args.sparsity, mask_structure=mask, targets=TARGETS, ignore=IGNORE)
+    if args.owl:
+        common.update(
+            targets=OWL_TARGETS, sparsity_profile="owl", owl_m=args.owl_m,
+            owl_lmbda=args.owl_lambda,
+        )  # fmt: skip
     if args.method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
@@ -116,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
+    patches = patch_owl() if args.owl else []
     processor, real_tokenizer = load_processor(args.model)
     dataset, n, seqlen = load_calib(args.calib)
     recipe = build_recipe(args)
@@ -148,6 +212,9 @@ def run(args: argparse.Namespace) -> dict:
         "method": args.method,
         "sparsity": args.sparsity,
         "mask": args.mask,
+        "owl": {"m": args.owl_m, "lambda": args.owl_lambda, "patches": patches}
+        if args.owl
+        else None,
         "wall_s": round(wall_s, 4),
         "peak_rss_mib": round(peak_rss_mib, 1),
         "out": str(args.out),

@@ -40,6 +40,7 @@ from .core import (
     reconstruction_error,
     sparsify,
 )
+from .owl import owl_densities
 from .task_vectors import SourceInfo, check_sources, inspect_source, load_task_vector
 
 logger = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ def _merge_obs(
     merged: TaskVector = {}
     options = ObsOptions(config.block_size, config.dampening, config.rescale)
     measuring: list[_StreamCollectors] = []  # the collectors of the block being measured
+    owl = owl_densities(model, tasks, config, streams, by_block, batch_size, show_progress)
 
     def on_stream(stream: int) -> None:
         if measuring:
@@ -326,7 +328,7 @@ def _merge_obs(
                 if missing:
                     raise RuntimeError(f"{missing} saw no input during calibration (unused?)")
                 all_reduce_stats(item)
-            block_deltas = _merge_block(linears, stats, tasks, rule, config, options, errors)
+            block_deltas = _merge_block(linears, stats, tasks, rule, config, options, errors, owl)
             merged.update(block_deltas)
             if config.sequential:
                 _add_deltas_(dict(model.named_parameters()), block_deltas)
@@ -354,8 +356,10 @@ def _merge_block(
     config: MergeConfig,
     options: ObsOptions,
     errors: dict[str, list[float]],
+    owl: list[dict[str, float]] | None = None,
 ) -> TaskVector:
-    """Prune every task vector of a block's linears with its Hessian, then combine."""
+    """Prune every task vector of a block's linears with its Hessian, then combine.
+    ``owl``: per task, the sparsity of each linear's task vector (OWL); None = uniform."""
     groups: dict[int, list[str]] = {}
     for name in linears:  # layers reading the same input share one Hessian and one solve
         groups.setdefault(id(stats[0][name]), []).append(name)
@@ -384,7 +388,11 @@ def _merge_block(
                 task.density,
                 options,
                 hinv_upper=shared_factor if len(stats) == 1 else None,
-                row_groups=[(r.shape[0], 1.0 - task.density) for r in rows],
+                row_groups=[
+                    (r.shape[0], owl[index][n] if owl else 1.0 - task.density)
+                    for n, r in zip(names, rows, strict=True)
+                ],
+                exact_total=owl is not None,
             )
             first = 0
             for n, r in zip(names, rows, strict=True):
@@ -416,6 +424,7 @@ def _record_merge_config(
         "models": [{"model": t.label, "weight": t.weight, "density": t.density} for t in tasks],
         "sequential": config.sequential if config.needs_calibration else None,
         "hessians": config.hessians if config.needs_calibration else None,
+        "sparsity_profile": config.sparsity_profile,
         "merged_tensors": len(result.deltas),
         "measured_density": round(result.density, 6),
         "library": "hf_sparse",

@@ -75,6 +75,15 @@ class MergeConfig:
         None,
     )
     seed: int = help_field("Seed of DARE's random drops.", 0)
+    sparsity_profile: str = help_field(
+        "OBS methods: 'uniform' (every targeted layer keeps `density` of its task vector) or "
+        "'owl' (outlier-weighed layerwise sparsity, Yin et al. 2024: blocks whose "
+        "|tau| * ||X|| scores hold more outliers, on the base model's activations, keep more; "
+        "the overall density of each task vector stays exact).",
+        "uniform",
+    )
+    owl_m: float = help_field("OWL: a score is an outlier above owl_m x its block's mean.", 5.0)
+    owl_lambda: float = help_field("OWL: width 2*owl_lambda of the band of block sparsities.", 0.08)
     check_base: bool = help_field(
         "Refuse adapters whose recorded base_model_name_or_path differs from the base model.",
         True,
@@ -93,6 +102,19 @@ class MergeConfig:
             )
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.sparsity_profile not in ("uniform", "owl"):
+            raise ValueError(
+                f"sparsity_profile must be 'uniform' or 'owl', got {self.sparsity_profile!r}"
+            )
+        if self.sparsity_profile == "owl" and MERGE_METHODS[self.method].sparsify != "obs":
+            raise ValueError(
+                f"sparsity_profile 'owl' needs calibration activations: use it with an OBS method "
+                f"(sparsegpt_tv, sparsegpt_ties), not {self.method!r}"
+            )
+        if not isinstance(self.owl_m, int | float) or not self.owl_m > 0:
+            raise ValueError(f"owl_m must be a positive number, got {self.owl_m!r}")
+        if not isinstance(self.owl_lambda, int | float) or not 0 <= self.owl_lambda < 0.5:
+            raise ValueError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda!r}")
         if not isinstance(self.dampening, int | float) or not (
             math.isfinite(self.dampening) and self.dampening > 0
         ):

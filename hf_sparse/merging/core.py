@@ -126,6 +126,7 @@ def prune_task_vector_obs(
     options: ObsOptions = ObsOptions(),
     hinv_upper: torch.Tensor | None = None,
     row_groups: list[tuple[int, float]] | None = None,
+    exact_total: bool = False,
 ) -> torch.Tensor:
     """SparseGPT applied to a task vector ``[out, in]``: keep ``density`` of its entries, chosen
     by OBS saliency block by block, and correct the kept ones with the inverse of the layer-input
@@ -147,6 +148,7 @@ def prune_task_vector_obs(
         damp=options.damp,
         hinv_upper=hinv_upper,
         row_groups=row_groups,
+        exact_total=exact_total,
     )
     if options.rescale:
         pruned = rescale_rows(task_vector, pruned, hessian)

@@ -23,6 +23,7 @@ from .pipeline import (
     pruning_recipe_from_dict,
     save_pruned,
 )
+from .recover import RecoveryConfig, recover_
 
 __all__ = [
     "PRUNING_METHODS",
@@ -32,6 +33,7 @@ __all__ = [
     "PruningConfig",
     "PruningRecipe",
     "PruningResult",
+    "RecoveryConfig",
     "SparseGPTConfig",
     "WandaConfig",
     "apply_masks_",
@@ -43,6 +45,7 @@ __all__ = [
     "prune_",
     "pruning_config_from_dict",
     "pruning_recipe_from_dict",
+    "recover_",
     "save_pruned",
     "wanda_mask",
 ]

@@ -27,6 +27,7 @@ from ..calibration import (
     StatsCollector,
     all_reduce_stats,
     broadcast_block,
+    distributed_world,
     run_sequential,
 )
 from ..config_utils import to_dict
@@ -41,7 +42,9 @@ from ..models import (
     weight_matrix,
 )
 from .config import MagnitudeConfig, PruningConfig, SparseGPTConfig, WandaConfig
-from .core import magnitude_mask, obs_prune, wanda_mask
+from .core import keep_mask_from_scores, magnitude_mask, obs_prune, wanda_mask
+from .owl import OWLPlan, dense_input_sq_norms, plan_owl
+from .refine import dsnot_refine, ria_scores
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class PruningResult:
     seconds: float
     measured_sparsity: float | None = None
     fallbacks: dict[str, str] = field(default_factory=dict)
+    owl: OWLPlan | None = None
 
     @property
     def sparsity(self) -> float:
@@ -80,16 +84,22 @@ def measured_sparsity(linears: dict[str, nn.Module]) -> float:
     return zeros / total if total else 0.0
 
 
-def layer_sparsity(config: PruningConfig, name: str, module: nn.Module) -> float:
+def layer_sparsity(
+    config: PruningConfig, name: str, module: nn.Module, plan: dict[str, float] | None = None
+) -> float:
+    if plan and name in plan:  # OWL's exact per-layer budget
+        return plan[name]
     for pattern, value in config.sparsity_per_layer.items():
         if matches_pattern(name, module, pattern):
             return float(value)
     return float(config.sparsity)
 
 
-def _prune_layer_magnitude(config: PruningConfig, name: str, module: nn.Module) -> torch.Tensor:
+def _prune_layer_magnitude(
+    config: PruningConfig, name: str, module: nn.Module, plan: dict[str, float] | None = None
+) -> torch.Tensor:
     weight = weight_matrix(module)
-    keep = magnitude_mask(weight, layer_sparsity(config, name, module), config.pattern)
+    keep = magnitude_mask(weight, layer_sparsity(config, name, module, plan), config.pattern)
     with torch.no_grad():
         weight.mul_(keep.to(weight.dtype))
     return keep
@@ -100,13 +110,17 @@ def _block_pruner(
     linears: dict[str, nn.Module],
     masks: dict[str, torch.Tensor],
     fallbacks: dict[str, str],
+    plan: dict[str, float] | None = None,
 ) -> Callable[[], None]:
     """Install statistics hooks on a block's targets; return the function that prunes them."""
     use_obs = isinstance(config, SparseGPTConfig)
     collector = StatsCollector(linears, need_xtx=use_obs, need_sq_norms=not use_obs).__enter__()
+    means = _InputSums(linears) if config.refine == "dsnot" else None
 
     def finish() -> None:
         collector.__exit__()
+        if means is not None:
+            means.close()
         collector.fill_missing()  # before the all-reduce: every rank reduces the same tensors
         all_reduce_stats(collector.stats)
         unseen = [name for name in linears if collector.stats[name].tokens == 0]
@@ -115,16 +129,23 @@ def _block_pruner(
             raise RuntimeError(f"{unused} saw no input during calibration (are they used?)")
         for name in unseen:
             logger.warning("%s: %s; pruned by magnitude", name, NO_TOKENS_FALLBACK)
-            masks[name] = _prune_layer_magnitude(config, name, linears[name]).cpu()
+            masks[name] = _prune_layer_magnitude(config, name, linears[name], plan).cpu()
             fallbacks[name] = NO_TOKENS_FALLBACK
         seen = {name: module for name, module in linears.items() if name not in unseen}
         if use_obs:
-            _obs_prune_shared(config, seen, collector.stats, masks)
+            _obs_prune_shared(config, seen, collector.stats, masks, plan)
             return
         for name, module in seen.items():
             weight = weight_matrix(module)
-            sparsity = layer_sparsity(config, name, module)
-            keep = wanda_mask(weight, collector.stats[name].sq_norms, sparsity, config.pattern)
+            sparsity = layer_sparsity(config, name, module, plan)
+            keep = select_mask(
+                config, weight, collector.stats[name].sq_norms, sparsity, plan is not None
+            )
+            if means is not None:
+                keep = dsnot_refine(
+                    weight, keep, means.mean(name), collector.stats[name].sq_norms,
+                    config.refine_iterations, config.pattern,
+                )  # fmt: skip
             with torch.no_grad():
                 weight.mul_(keep.to(weight.dtype))
             masks[name] = keep.cpu()
@@ -132,11 +153,62 @@ def _block_pruner(
     return finish
 
 
+def select_mask(
+    config: PruningConfig,
+    weight: torch.Tensor,
+    sq_norms: torch.Tensor,
+    sparsity: float,
+    exact_total: bool = False,
+) -> torch.Tensor:
+    """The keep-mask of a mask-only method (magnitude, Wanda, Wanda with RIA scores);
+    ``exact_total``: prune exactly ``round(sparsity * numel)`` (OWL's budgets)."""
+    if isinstance(config, MagnitudeConfig):
+        return magnitude_mask(weight, sparsity, config.pattern)
+    if getattr(config, "score", "wanda") == "ria":
+        return keep_mask_from_scores(ria_scores(weight, sq_norms), sparsity, config.pattern)
+    return wanda_mask(weight, sq_norms, sparsity, config.pattern, exact_total)
+
+
+class _InputSums:
+    """Forward hooks summing each target linear's input rows (``E[x]`` for DSnoT)."""
+
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in linears.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple, _output) -> None:
+            rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(rows.shape[1], device=rows.device)
+                self.tokens[name] = 0
+            self.sums[name] += rows.sum(0)
+            self.tokens[name] += rows.shape[0]
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        _, world = distributed_world()
+        if world > 1:
+            for name in sorted(self.sums):
+                count = torch.tensor([float(self.tokens[name])], dtype=torch.float64)
+                torch.distributed.all_reduce(self.sums[name])
+                torch.distributed.all_reduce(count)
+                self.tokens[name] = int(count.item())
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sums[name] / max(self.tokens[name], 1)
+
+
 def _obs_prune_shared(
     config: SparseGPTConfig,
     linears: dict[str, nn.Module],
     stats: dict[str, InputStats],
     masks: dict[str, torch.Tensor],
+    plan: dict[str, float] | None = None,
 ) -> None:
     """SparseGPT on a block: layers reading the same input (q/k/v, gate/up) are stacked and
     solved together, one Hessian factor and one column sweep for the group."""
@@ -147,7 +219,7 @@ def _obs_prune_shared(
         hessian = stats[names[0]].hessian
         weights = [weight_matrix(linears[n]) for n in names]
         row_groups = [
-            (w.shape[0], layer_sparsity(config, n, linears[n]))
+            (w.shape[0], layer_sparsity(config, n, linears[n], plan))
             for n, w in zip(names, weights, strict=True)
         ]
         pruned, keep = obs_prune(
@@ -158,6 +230,7 @@ def _obs_prune_shared(
             block_size=config.block_size,
             damp=config.dampening,
             row_groups=row_groups,
+            exact_total=plan is not None,
         )
         first = 0
         for name, (rows, _) in zip(names, row_groups, strict=True):
@@ -196,15 +269,17 @@ def prune_(
     start = time.perf_counter()
     masks: dict[str, torch.Tensor] = {}
     fallbacks: dict[str, str] = {}
-    if isinstance(config, MagnitudeConfig):
+    owl = _owl_plan(model, config, grouped, calibration, batch_size, show_progress)
+    plan = owl.layer_sparsity if owl is not None else None
+    if isinstance(config, MagnitudeConfig) and config.refine == "none":
         for linears in grouped.values():
             for name, module in linears.items():
-                masks[name] = _prune_layer_magnitude(config, name, module).cpu()
+                masks[name] = _prune_layer_magnitude(config, name, module, plan).cpu()
     else:
 
         def process_block(name: str, _block: nn.Module) -> Callable[[], None] | None:
             linears = grouped[name]
-            return _block_pruner(config, linears, masks, fallbacks) if linears else None
+            return _block_pruner(config, linears, masks, fallbacks, plan) if linears else None
 
         run_sequential(
             model,
@@ -217,7 +292,7 @@ def prune_(
         )
     seconds = time.perf_counter() - start
     pruned = {name: module for linears in grouped.values() for name, module in linears.items()}
-    result = PruningResult(masks, seconds, measured_sparsity(pruned), fallbacks)
+    result = PruningResult(masks, seconds, measured_sparsity(pruned), fallbacks, owl)
     record_sparsity_config(model, config, result)
     logger.info(
         "%s pruned %d layers to %.2f%% (measured in the weights) in %.1fs%s",
@@ -252,6 +327,23 @@ def _check_per_layer_keys(config: PruningConfig, grouped: dict[str, dict[str, nn
             )
 
 
+def _owl_plan(
+    model: nn.Module,
+    config: PruningConfig,
+    grouped: dict[str, dict[str, nn.Module]],
+    calibration: torch.Tensor | None,
+    batch_size: int,
+    show_progress: bool,
+) -> OWLPlan | None:
+    """OWL's per-layer budgets, from outlier shares on the dense model's activations."""
+    if not config.owl:
+        return None
+    norms = dense_input_sq_norms(
+        model, calibration, grouped, batch_size, config.blocks, show_progress
+    )
+    return plan_owl(grouped, norms, float(config.sparsity), config.owl_m, config.owl_lambda)
+
+
 def _check_nm_shapes(config: PruningConfig, grouped: dict[str, dict[str, nn.Module]]) -> None:
     pattern = config.pattern
     if pattern is None:
@@ -282,6 +374,7 @@ def record_sparsity_config(model: nn.Module, config: PruningConfig, result: Prun
             result.sparsity if result.measured_sparsity is None else result.measured_sparsity, 6
         ),
         "fallback_layers": dict(result.fallbacks),
+        **({"owl": result.owl.summary()} if result.owl is not None else {}),
         "settings": settings,
         "library": "hf_sparse",
     }

@@ -8,6 +8,9 @@ from typing import Any, ClassVar
 from ..config_utils import from_dict, help_field
 from .core import NMPattern, check_sparsity, parse_mask_structure
 
+SPARSITY_PROFILES = ("uniform", "owl")
+WANDA_SCORES = ("wanda", "ria")
+
 
 @dataclass
 class PruningConfig:
@@ -17,7 +20,8 @@ class PruningConfig:
     """
 
     method: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = True
+    uses_activations: ClassVar[bool] = True
+    refinements: ClassVar[tuple[str, ...]] = ("none",)
 
     sparsity: float | None = help_field(
         "Fraction of weights to remove in each target layer, in [0, 1). With an N:M mask it "
@@ -50,6 +54,28 @@ class PruningConfig:
         "do not name their layer class there.",
         None,
     )
+    sparsity_profile: str = help_field(
+        f"How the sparsity is spread over the decoder blocks: {list(SPARSITY_PROFILES)}. "
+        "'owl' = outlier-weighed layerwise sparsity (Yin et al. 2024): blocks whose |W|*||X|| "
+        "scores hold more outliers (above owl_m x the block mean, on the dense model's "
+        "activations) are pruned less, within a band of width 2*owl_lambda; the overall "
+        "sparsity stays exact. Unstructured masks only.",
+        "uniform",
+    )
+    owl_m: float = help_field("OWL: a score is an outlier above owl_m x its block's mean.", 5.0)
+    owl_lambda: float = help_field(
+        "OWL: the block sparsities span a band of width 2*owl_lambda whose parameter-weighted "
+        "mean is the target (the paper's [S - lambda, S + lambda] when the outlier shares are "
+        "spread evenly).",
+        0.08,
+    )
+    refine: str = help_field(
+        "Training-free mask refinement after selection: 'none', or 'dsnot' (DSnoT, Zhang et al. "
+        "ICLR 2024: swap pruned and kept weights of each output row to cancel the mean output "
+        "error; magnitude and Wanda only).",
+        "none",
+    )
+    refine_iterations: int = help_field("DSnoT: swap rounds per output row (the paper: 50).", 50)
 
     def __post_init__(self) -> None:
         pattern = parse_mask_structure(self.mask)
@@ -74,6 +100,44 @@ class PruningConfig:
             raise ValueError(f"targets must be a list of strings, got {self.targets!r}")
         if isinstance(self.ignore, str):
             raise ValueError(f"ignore must be a list of strings, got {self.ignore!r}")
+        self._check_method_options(pattern)
+
+    def _check_method_options(self, pattern: NMPattern | None) -> None:
+        if self.sparsity_profile not in SPARSITY_PROFILES:
+            raise ValueError(
+                f"sparsity_profile must be one of {list(SPARSITY_PROFILES)}, "
+                f"got {self.sparsity_profile!r}"
+            )
+        if self.owl:
+            if pattern is not None:
+                raise ValueError(
+                    f"sparsity_profile 'owl' needs an unstructured mask: an N:M mask ({self.mask}) "
+                    "fixes every layer's sparsity; drop one of them"
+                )
+            if self.sparsity_per_layer:
+                raise ValueError("sparsity_profile 'owl' and sparsity_per_layer exclude each other")
+        if not isinstance(self.owl_m, int | float) or not self.owl_m > 0:
+            raise ValueError(f"owl_m must be a positive number, got {self.owl_m!r}")
+        if not isinstance(self.owl_lambda, int | float) or not 0 <= self.owl_lambda < 0.5:
+            raise ValueError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda!r}")
+        if self.refine not in self.refinements:
+            raise ValueError(
+                f"refine={self.refine!r} is not available for {self.method or 'this method'}; "
+                f"valid: {list(self.refinements)}"
+            )
+        if not isinstance(self.refine_iterations, int) or self.refine_iterations < 1:
+            raise ValueError(
+                f"refine_iterations must be a positive integer, got {self.refine_iterations!r}"
+            )
+
+    @property
+    def owl(self) -> bool:
+        return self.sparsity_profile == "owl"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Activations are needed by the method, by OWL's outlier shares, or by a refinement."""
+        return self.uses_activations or self.owl or self.refine != "none"
 
     @property
     def pattern(self) -> NMPattern | None:
@@ -85,7 +149,8 @@ class MagnitudeConfig(PruningConfig):
     """Remove the smallest ``|w|`` of each layer. Needs no calibration data."""
 
     method: ClassVar[str] = "magnitude"
-    needs_calibration: ClassVar[bool] = False
+    uses_activations: ClassVar[bool] = False
+    refinements: ClassVar[tuple[str, ...]] = ("none", "dsnot")
 
 
 @dataclass
@@ -93,6 +158,20 @@ class WandaConfig(PruningConfig):
     """Wanda (Sun et al., ICLR 2024): remove the smallest ``|w| * ||x||`` in each output row."""
 
     method: ClassVar[str] = "wanda"
+    refinements: ClassVar[tuple[str, ...]] = ("none", "dsnot")
+
+    score: str = help_field(
+        f"Importance score: {list(WANDA_SCORES)}. 'wanda' = |W_ij| ||X_j|| compared within "
+        "each output row; 'ria' = relative importance and activations (Zhang et al., ICLR "
+        "2024): (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) ||X_j||^0.5, compared over "
+        "the whole layer (N:M: within each group).",
+        "wanda",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.score not in WANDA_SCORES:
+            raise ValueError(f"score must be one of {list(WANDA_SCORES)}, got {self.score!r}")
 
 
 @dataclass

@@ -74,13 +74,19 @@ def _check_nm_columns(cols: int, pattern: NMPattern) -> None:
 
 
 def keep_mask_from_scores(
-    scores: torch.Tensor, sparsity: float, pattern: NMPattern | None = None, per_row: bool = False
+    scores: torch.Tensor,
+    sparsity: float,
+    pattern: NMPattern | None = None,
+    per_row: bool = False,
+    exact_total: bool = False,
 ) -> torch.Tensor:
     """Keep the highest-scoring entries.
 
     Unstructured: prune exactly ``round(sparsity * count)`` lowest scores, over the whole
     matrix or (``per_row``) within each row. N:M: prune the ``m - n`` lowest of each group
-    of ``m`` consecutive columns in every row.
+    of ``m`` consecutive columns in every row. ``exact_total`` (per row): when
+    ``sparsity * cols`` is not whole, rows prune ``floor`` or ``ceil`` of it so that the matrix
+    prunes ``round(sparsity * rows * cols)`` in all (OWL's exact budgets).
     """
     rows, cols = scores.shape
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
@@ -91,7 +97,10 @@ def keep_mask_from_scores(
         keep.view(rows, cols // pattern.m, pattern.m).scatter_(-1, drop, False)
         return keep
     if per_row:
-        count = round(sparsity * cols)
+        per_row_count = sparsity * cols
+        if exact_total and abs(per_row_count - round(per_row_count)) > 1e-6:
+            return _keep_per_row_exact(scores, per_row_count)
+        count = round(per_row_count)
         if count:
             drop = torch.topk(scores, count, dim=1, largest=False).indices
             keep.scatter_(1, drop, False)
@@ -101,6 +110,26 @@ def keep_mask_from_scores(
         drop = torch.topk(scores.flatten(), count, largest=False).indices
         keep.view(-1)[drop] = False
     return keep
+
+
+def _keep_per_row_exact(scores: torch.Tensor, per_row_count: float) -> torch.Tensor:
+    """Per-row pruning when ``sparsity * cols`` is not whole: row ``i`` prunes
+    ``round((i + 1) c) - round(i c)`` entries, so the matrix prunes ``round(rows * c)`` in all."""
+    rows = scores.shape[0]
+    bounds = torch.round(torch.arange(rows + 1, dtype=torch.float64) * per_row_count)
+    counts = (bounds[1:] - bounds[:-1]).to(torch.long).to(scores.device)
+    ranks = torch.empty_like(scores, dtype=torch.long)
+    order = torch.argsort(scores, dim=1, stable=True)
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    ranks.scatter_(1, order, positions)
+    return ranks >= counts.unsqueeze(1)
+
+
+def telescoped_sparsity(sparsity: float, rows: int, start: int, end: int) -> float:
+    """Sparsity of columns ``[start, end)`` of a ``rows``-row matrix such that the column slices
+    prune ``round(sparsity * rows * cols)`` entries in all (each slice's count telescopes)."""
+    count = round(sparsity * rows * end) - round(sparsity * rows * start)
+    return count / (rows * (end - start))
 
 
 def magnitude_mask(
@@ -115,9 +144,11 @@ def wanda_mask(
     input_sq_norms: torch.Tensor,
     sparsity: float,
     pattern: NMPattern | None = None,
+    exact_total: bool = False,
 ) -> torch.Tensor:
     """Wanda keep-mask: scores compared within each output row (the paper's default)."""
-    return keep_mask_from_scores(wanda_scores(weight, input_sq_norms), sparsity, pattern, True)
+    scores = wanda_scores(weight, input_sq_norms)
+    return keep_mask_from_scores(scores, sparsity, pattern, True, exact_total)
 
 
 def obs_prune(
@@ -129,6 +160,8 @@ def obs_prune(
     damp: float = 0.01,
     hinv_upper: torch.Tensor | None = None,
     row_groups: list[tuple[int, float]] | None = None,
+    exact_total: bool = False,
+    inner_block: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune ``target`` and correct the remaining entries with the inverse Hessian.
 
@@ -141,6 +174,11 @@ def obs_prune(
     ``row_groups`` = ``[(row count, sparsity), ...]`` covering the rows: several layers that
     read the same input (q/k/v) stacked into one target, each with its own unstructured mask
     budget. Rows are independent given ``H``, so this equals solving them one by one.
+    ``exact_total``: the column blocks' unstructured budgets telescope, so each row group
+    prunes exactly ``round(sparsity * rows * cols)`` (OWL's exact budgets).
+    ``inner_block``: inside a block, columns are updated one by one only within sub-blocks of
+    this width, the rest of the block by one matrix product per sub-block (the same result up
+    to float rounding; ``inner_block >= block_size`` = the one-level loop of the paper).
     """
     rows, cols = target.shape
     if row_groups is None:
@@ -164,7 +202,7 @@ def obs_prune(
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        _obs_prune_block(w, hinv, keep, start, end, row_groups, pattern)
+        _obs_prune_block(w, hinv, keep, start, end, row_groups, pattern, exact_total, inner_block)
     return w, keep
 
 
@@ -176,6 +214,8 @@ def _obs_prune_block(
     end: int,
     row_groups: list[tuple[int, float]],
     pattern: NMPattern | None,
+    exact_total: bool = False,
+    inner_block: int = 32,
 ) -> None:
     block = w[:, start:end].clone()
     hinv_block = hinv[start:end, start:end]
@@ -188,17 +228,36 @@ def _obs_prune_block(
         for count, sparsity in row_groups:
             if sparsity > 0:
                 rows = slice(first, first + count)
-                block_keep[rows] = keep_mask_from_scores(saliency[rows], sparsity)
+                share = sparsity
+                if exact_total:
+                    share = telescoped_sparsity(sparsity, count, start, end)
+                block_keep[rows] = keep_mask_from_scores(saliency[rows], share)
             first += count
-    for j in range(end - start):
-        if pattern is not None and j % pattern.m == 0:
-            saliency = block[:, j : j + pattern.m] ** 2 / diag[j : j + pattern.m] ** 2
-            block_keep[:, j : j + pattern.m] = keep_mask_from_scores(saliency, 0.0, pattern)
-        column = block[:, j]
-        quantised = torch.where(block_keep[:, j], column, torch.zeros_like(column))
-        error = (column - quantised) / diag[j]
-        block[:, j:] -= error.unsqueeze(1) * hinv_block[j, j:].unsqueeze(0)
-        block[:, j] = quantised
-        errors[:, j] = error
+    width = end - start
+    inner = _inner_width(width, pattern, inner_block)
+    for first_col in range(0, width, inner):  # lazy updates at two levels (as GPTQ's batches)
+        last_col = min(first_col + inner, width)
+        for j in range(first_col, last_col):
+            if pattern is not None and j % pattern.m == 0:
+                saliency = block[:, j : j + pattern.m] ** 2 / diag[j : j + pattern.m] ** 2
+                block_keep[:, j : j + pattern.m] = keep_mask_from_scores(saliency, 0.0, pattern)
+            column = block[:, j]
+            kept = block_keep[:, j]
+            error = column * ~kept / diag[j]
+            quantised = column * kept
+            block[:, j:last_col].addr_(error, hinv_block[j, j:last_col], alpha=-1)
+            block[:, j] = quantised
+            errors[:, j] = error
+        if last_col < width:
+            block[:, last_col:].addmm_(
+                errors[:, first_col:last_col], hinv_block[first_col:last_col, last_col:], alpha=-1
+            )
     w[:, start:end] = block
     w[:, end:] -= errors @ hinv[start:end, end:]
+
+
+def _inner_width(width: int, pattern: NMPattern | None, target: int = 32) -> int:
+    """Columns updated one by one before a matrix update of the rest of the block: a multiple
+    of M for N:M masks (whose groups are chosen on fully updated columns)."""
+    step = pattern.m if pattern is not None else 1
+    return min(width, max(step, target // step * step))

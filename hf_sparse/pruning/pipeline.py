@@ -8,12 +8,15 @@ Recipe form (``recipes/quickstart.yaml``)::
       sparsegpt: {sparsity: 0.5}
     evaluation: {dataset: wikitext2, sequence_length: 512, num_windows: 32}
     output_dir: outputs/smollm2-sparsegpt-50
+    recover: {steps: 200, eval_at: [50, 200]}   # optional: fine-tune with the mask kept
 
 Lifecycle of ``oneshot(model, recipe)``:
   1. validate the recipe and the output folder (before any work);
   2. load model and tokenizer (a known name such as ``smollm2-135m``, a path or a Hub id);
   3. build calibration windows and prune in place (``pruning.prune_``);
   4. measure perplexity before and after when the recipe has an ``evaluation`` block;
+     with a ``recover`` block, fine-tune with the mask kept (``recover.recover_``) and measure
+     again at its ``eval_at`` steps;
   5. save to a temporary folder and rename: weights (safetensors, zeros in place), a
      ``sparsity`` block in ``config.json``, packed masks, the recipe, results and model card.
 """
@@ -46,10 +49,11 @@ from ..recipes import (
 )
 from .apply import PruningResult, prune_, resolve_targets
 from .config import PruningConfig, pruning_config_from_dict
+from .recover import RecoveryConfig, recover_
 
 logger = logging.getLogger(__name__)
 
-RECIPE_KEYS = ("model", "calibration", "pruning", "evaluation", "output_dir")
+RECIPE_KEYS = ("model", "calibration", "pruning", "evaluation", "output_dir", "recover")
 
 
 @dataclass
@@ -59,14 +63,17 @@ class PruningRecipe:
     calibration: CalibrationConfig
     evaluation: EvaluationConfig | None
     output_dir: str | None
+    recover: RecoveryConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"recover": to_dict(self.recover)} if self.recover is not None else {}
         return {
             "model": self.model,
             "calibration": to_dict(self.calibration),
             "pruning": {self.pruning.method: to_dict(self.pruning)},
             "evaluation": to_dict(self.evaluation) if self.evaluation else None,
             "output_dir": self.output_dir,
+            **extra,
         }
 
 
@@ -89,6 +96,9 @@ def pruning_recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Pru
         if evaluation is None
         else from_dict(EvaluationConfig, evaluation, f"{where}.evaluation"),
         output_dir=data.get("output_dir"),
+        recover=None
+        if data.get("recover") is None
+        else from_dict(RecoveryConfig, data["recover"], f"{where}.recover"),
     )
 
 
@@ -169,6 +179,12 @@ def oneshot(
         metrics["perplexity_ratio"] = (
             metrics["pruned"]["perplexity"] / metrics["dense"]["perplexity"]
         )
+    if recipe.recover is not None:
+        metrics["recovery"] = _recover(
+            model, result, recipe, tokenizer, eval_windows, metrics, show_progress
+        )
+        result.measured_sparsity = metrics["recovery"]["sparsity_after"]
+        metrics["sparsity"] = result.measured_sparsity
     saved = None
     if output_dir is not None:
         saved = save_pruned(
@@ -189,6 +205,23 @@ def _recipe_lengths(recipe: PruningRecipe, dataset) -> dict[str, int | None]:
 def _output_bytes(model: nn.Module) -> int:
     """The weights (zeros in place) plus one bit per weight of the packed masks."""
     return int(model_bytes(model) * 1.05)
+
+
+def _recover(
+    model, result, recipe, tokenizer, eval_windows, metrics, show_progress
+) -> dict[str, Any]:
+    """Fine-tune with the mask kept; perplexity at step 0 (the one-shot model) and eval_at."""
+    recovered = recover_(
+        model, result.masks, recipe.pruning, recipe.recover, tokenizer,
+        recipe.calibration.dataset, eval_windows, show_progress,
+    )  # fmt: skip
+    record = recovered.to_dict()
+    if "pruned" in metrics:
+        record["perplexity_by_step"] = {
+            "0": metrics["pruned"]["perplexity"],
+            **record["perplexity_by_step"],
+        }
+    return record
 
 
 def save_pruned(
@@ -246,6 +279,12 @@ def summarize(result: OneshotResult) -> str:
         )
     lines.append(f"sparsity:           {100 * metrics['sparsity']:.2f}% of the pruned layers")
     lines.append(f"pruning time:       {metrics['prune_seconds']:.1f} s")
+    recovery = metrics.get("recovery")
+    if recovery:
+        steps = ", ".join(f"{k}: {v:.3f}" for k, v in recovery["perplexity_by_step"].items())
+        lines.append(
+            f"recovery:           {recovery['train_seconds']:.1f} s; perplexity by step {steps}"
+        )
     if result.output_dir is not None:
         lines.append(f"saved to:           {result.output_dir}")
     return "\n".join(lines)

@@ -171,3 +171,26 @@ def test_bad_input_fails_before_the_base_changes(saved_family, tmp_path):
         merge_(base, MergeConfig("ties"), [folders[0], tmp_path / "other-vocab"])
     after = dict(base.named_parameters())
     assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sparsegpt_tv_with_owl_keeps_each_task_density_exact(saved_family, arch):
+    base, _, folders = saved_family(arch, 2)
+    windows = make_token_windows(n=4, length=16)
+    config = MergeConfig("sparsegpt_tv", density=0.3, sparsity_profile="owl", owl_m=2,
+                         owl_lambda=0.1)  # fmt: skip
+    result = merge_(base, config, [str(f) for f in folders], calibration=windows,
+                    weights=[1.0, 0.0], show_progress=False)  # fmt: skip
+    # weight 0 for the second task: the merged delta of a targeted layer is task 1's pruned one
+    linears = {n for g in target_linears(base).values() for n in g}
+    kept = [result.deltas[f"{n}.weight"] for n in sorted(linears)]
+    total = sum(d.numel() for d in kept)
+    assert sum(int((d != 0).sum()) for d in kept) == total - round(0.7 * total)
+    per_layer = {round(float((d != 0).float().mean()), 6) for d in kept}
+    assert len(per_layer) > 1  # OWL gave the blocks different densities
+    assert base.config.merging["sparsity_profile"] == "owl"
+    uniform = MergeConfig("sparsegpt_tv", density=0.3)
+    assert uniform.sparsity_profile == "uniform"
+    with pytest.raises(ValueError, match="OBS method"):
+        MergeConfig("ties", density=0.3, sparsity_profile="owl")
