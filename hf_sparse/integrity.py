@@ -32,13 +32,16 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .config_utils import help_field
 from .models import model_type, weight_matrix
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,39 @@ def load_config(cls, super_from_pretrained, path, subfolder, kwargs: dict[str, A
     if strict is not None:
         config.integrity = "strict" if strict else "warn"
     return config
+
+
+@dataclass
+class IntegrityCheckedConfig(PeftConfig):
+    """The fields and loading every hf_sparse PEFT config shares: the ``base_record`` stamped
+    when the adapter is made and checked when it is loaded, and the ``integrity`` mode."""
+
+    base_record: dict | None = help_field(
+        "Filled when the adapter is made: what it was made from (model type, the exact adapted "
+        "modules with their shapes, a fingerprint of their base weights). Loading checks it "
+        "(hf_sparse.integrity). Leave None.",
+        None,
+    )
+    integrity: str = help_field(
+        "'strict': loading on another base, with an edited config, or with missing or extra "
+        "tensors is an AdapterIntegrityError; 'warn': a warning (also: "
+        "PeftModel.from_pretrained(..., hf_sparse_strict=False)).",
+        "strict",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_integrity_mode(self.integrity)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs
+    ):
+        """Load a saved config (marked as loaded, so the tuner checks its ``base_record``);
+        ``hf_sparse_strict=False`` downgrades integrity errors to warnings."""
+        return load_config(
+            cls, super().from_pretrained, pretrained_model_name_or_path, subfolder, kwargs
+        )
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:

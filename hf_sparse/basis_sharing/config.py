@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from peft.config import PeftConfig
-
 from ..config_utils import help_field
-from ..integrity import check_integrity_mode, load_config
+from ..integrity import IntegrityCheckedConfig
 from ..models import ROLES
 from ..peft_registry import add_peft_type
 
@@ -22,7 +20,7 @@ DEFAULT_TARGET_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "dow
 
 
 @dataclass
-class BasisSharingConfig(PeftConfig):
+class BasisSharingConfig(IntegrityCheckedConfig):
     """Compress linear layers into shared bases + per-layer coefficients.
 
     Wang et al., "Basis Sharing: Cross-Layer Parameter Sharing for Large Language Model
@@ -125,18 +123,6 @@ class BasisSharingConfig(PeftConfig):
     modules_to_save: list[str] | None = help_field(
         "Modules apart from the compressed ones to train fully and save.", None
     )
-    base_record: dict | None = help_field(
-        "Filled when the adapter is made: what it was made from (model type, the exact adapted "
-        "modules with their shapes, a fingerprint of their base weights). Loading checks it "
-        "(hf_sparse.integrity). Leave None.",
-        None,
-    )
-    integrity: str = help_field(
-        "'strict': loading on another base, with an edited config, or with missing or extra "
-        "tensors is an AdapterIntegrityError; 'warn': a warning (also: "
-        "PeftModel.from_pretrained(..., hf_sparse_strict=False)).",
-        "strict",
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,17 +176,6 @@ class BasisSharingConfig(PeftConfig):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-        check_integrity_mode(self.integrity)
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs
-    ):
-        """Load a saved config (marked as loaded, so the tuner checks its ``base_record``);
-        ``hf_sparse_strict=False`` downgrades integrity errors to warnings."""
-        return load_config(
-            cls, super().from_pretrained, pretrained_model_name_or_path, subfolder, kwargs
-        )
 
     def ratio_of(self, role: str) -> float:
         return (self.role_ratios or {}).get(role, self.ratio)

@@ -6,12 +6,10 @@ import math
 import os
 from dataclasses import dataclass
 
-from peft.config import PeftConfig
-
 from ..config_utils import check_positive_ints, help_field
 from ..data import check_data_source
 from ..importance import IMPORTANCE_METRICS, check_metric_options
-from ..integrity import check_integrity_mode, load_config
+from ..integrity import IntegrityCheckedConfig
 from ..masks import RANKING_SCOPES, check_percent
 from ..peft_registry import add_peft_type
 from .core import FLUCTUATION_STRATEGIES
@@ -23,7 +21,7 @@ MASKED_LR = add_peft_type(PEFT_TYPE_NAME)
 
 
 @dataclass
-class MaskedLRConfig(PeftConfig):
+class MaskedLRConfig(IntegrityCheckedConfig):
     """A trainable delta on chosen weights, with one learning-rate scale inside a mask, another
     outside it.
 
@@ -80,18 +78,6 @@ class MaskedLRConfig(PeftConfig):
         "Modules apart from the adapted ones to train fully and save (e.g. a classifier head).",
         None,
     )
-    base_record: dict | None = help_field(
-        "Filled when the adapter is made: what it was made from (model type, the exact adapted "
-        "modules with their shapes, a fingerprint of their base weights). Loading checks it "
-        "(hf_sparse.integrity). Leave None.",
-        None,
-    )
-    integrity: str = help_field(
-        "'strict': loading on another base, with an edited config, or with missing or extra "
-        "tensors is an AdapterIntegrityError; 'warn': a warning (also: "
-        "PeftModel.from_pretrained(..., hf_sparse_strict=False)).",
-        "strict",
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,18 +92,13 @@ class MaskedLRConfig(PeftConfig):
             raise ValueError(f"masks_file must be a path, got {self.masks_file!r}")
         _check_scale("inside_lr_scale", self.inside_lr_scale, allow_zero=False)
         _check_scale("outside_lr_scale", self.outside_lr_scale, allow_zero=True)
-        check_integrity_mode(self.integrity)
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kw
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs
     ):
-        """Load a saved config; its masks then come with the adapter weights, not ``masks_file``.
-        Marked as loaded, so the tuner checks its ``base_record`` (``hf_sparse_strict=False``
-        downgrades integrity errors to warnings)."""
-        config = load_config(
-            cls, super().from_pretrained, pretrained_model_name_or_path, subfolder, kw
-        )
+        """Load a saved config; its masks then come with the adapter weights, not ``masks_file``."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
         config._masks_in_checkpoint = True
         return config
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from peft.config import PeftConfig
-
 from ..config_utils import help_field
-from ..integrity import check_integrity_mode, load_config
+from ..integrity import IntegrityCheckedConfig
 from ..peft_registry import add_peft_type
 from .core import RECON_LOSSES, check_pnorm
 
@@ -53,7 +51,7 @@ def _check_tied_modules(tied: object) -> None:
 
 
 @dataclass
-class SPDConfig(PeftConfig):
+class SPDConfig(IntegrityCheckedConfig):
     """Decompose each target linear into ``C`` rank-one subcomponents with causal-importance
     gates (SPD, Bushnaq et al. 2025).
 
@@ -109,18 +107,6 @@ class SPDConfig(PeftConfig):
     modules_to_save: list[str] | None = help_field(
         "Modules apart from the decomposed ones to train fully and save (rarely needed).", None
     )
-    base_record: dict | None = help_field(
-        "Filled when the adapter is made: what it was made from (model type, the exact adapted "
-        "modules with their shapes, a fingerprint of their base weights). Loading checks it "
-        "(hf_sparse.integrity). Leave None.",
-        None,
-    )
-    integrity: str = help_field(
-        "'strict': loading on another base, with an edited config, or with missing or extra "
-        "tensors is an AdapterIntegrityError; 'warn': a warning (also: "
-        "PeftModel.from_pretrained(..., hf_sparse_strict=False)).",
-        "strict",
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,22 +119,11 @@ class SPDConfig(PeftConfig):
         _check_int("gate_hidden", self.gate_hidden, 1, "the paper uses 16")
         _check_number("leak", self.leak, 0.0, strict=True)
         _check_tied_modules(self.tied_modules)
-        check_integrity_mode(self.integrity)
         if self.target_modules is None:
             raise ValueError(
                 "SPDConfig.target_modules is required: name the linear layers to decompose, "
                 "e.g. ['linear1', 'linear2'] or ['model.layers.0.mlp.up_proj']"
             )
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs
-    ):
-        """Load a saved config (marked as loaded, so the tuner checks its ``base_record``);
-        ``hf_sparse_strict=False`` downgrades integrity errors to warnings."""
-        return load_config(
-            cls, super().from_pretrained, pretrained_model_name_or_path, subfolder, kwargs
-        )
 
 
 @dataclass
