@@ -235,9 +235,12 @@ def evaluate_output(
     if plan.kind != "adapter":  # an adapter's layers are not plain linears
         summary["linear_sparsity"] = overall_sparsity(sparsity_report(model))
     if settings.tasks:
+        import sys
+
         from .analysis.downstream import downstream_eval
 
-        summary["tasks"] = downstream_eval(
-            model, tokenizer, settings.tasks, settings.limit, batch_size=settings.batch_size
-        )
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress on stdout
+            summary["tasks"] = downstream_eval(
+                model, tokenizer, settings.tasks, settings.limit, batch_size=settings.batch_size
+            )
     return summary

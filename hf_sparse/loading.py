@@ -234,10 +234,10 @@ def _not_loadable(plan: OutputPlan, dtype: torch.dtype) -> nn.Module:
 
 register_output_kind(OutputKind("adapter", _is_adapter, _plan_adapter, _load_adapter,
                                 "any peft adapter, applied on its base"))  # fmt: skip
+register_output_kind(OutputKind("study", _is_study, _plan_study, _not_loadable,
+                                "an analysis study (its config.json holds settings)"))  # fmt: skip
 register_output_kind(OutputKind("model", _is_model, _plan_model, _load_model,
                                 "a full, pruned or merged model"))  # fmt: skip
-register_output_kind(OutputKind("study", _is_study, _plan_study, _not_loadable,
-                                "an analysis study"))  # fmt: skip
 
 
 # ---- entry points ------------------------------------------------------------------------------
@@ -276,19 +276,18 @@ def load_output(
 def load_model_and_tokenizer(
     name_or_path: str, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, object]:
-    """``AutoModelForCausalLM`` and ``AutoTokenizer`` of a known name, folder or Hub id
-    (folders checked first: safetensors only, readable).
+    """A plain transformers model and its tokenizer from a known name, Hub id or any output
+    folder (``load_output``; an adapter is merged into its base: the weights it stands for).
 
-    The model records the name it was asked by in ``model.name_or_path`` (its Hub id for a
-    known name), so adapters made on it record a base that loads elsewhere.
+    The model records the name it was asked by in ``model.name_or_path`` (a known name as its
+    Hub id), so adapters made on it record a base that loads elsewhere.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = resolve_source(name_or_path)
-    if Path(source).is_dir():
-        check_weights_folder(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    plan = inspect_output(name_or_path)
+    model, tokenizer = plan.load(dtype)
+    if plan.kind == "adapter":
+        logger.info("%s: %s adapter merged into its base %s", name_or_path,
+                    plan.extra.get("peft_type"), plan.base_name)  # fmt: skip
+        model = model.merge_and_unload()
     model.name_or_path = base_model_id(name_or_path)
     return model, tokenizer
 

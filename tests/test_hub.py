@@ -160,3 +160,56 @@ def test_dry_run_prints_files_and_card_without_network(saved, monkeypatch, capsy
 def folder_bytes(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
             if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["masked_lr", "basis_sharing", "spd", "lora", "study"])
+def test_dry_run_of_each_kind_lists_its_files(kind, tmp_path, capsys):
+    from hf_sparse.cli import main
+    from hf_sparse.outputs import RESULTS_FILE
+    from tests.test_loading import make_adapter
+
+    folder = tmp_path / kind
+    if kind == "study":  # what run_study writes, in small (no weights)
+        folder.mkdir()
+        (folder / RESULTS_FILE).write_text('{"kind": "analysis", "base_model": "m/x"}')
+        (folder / "config.json").write_text('{"model": "m/x"}')  # the study's settings
+        (folder / "report.html").write_text("<html></html>")
+        (folder / "plots").mkdir()
+        (folder / "plots" / "a.png").write_bytes(b"png")
+        (folder / "README.md").write_text("# study of <your-namespace>/<model-name>\n")
+        expected = "study"
+    else:
+        ws = tmp_path / "ws"
+        ws.mkdir()
+        make_adapter(_base_folder(ws), kind, folder)
+        expected = "adapter"
+    before = folder_bytes(folder)
+    assert main(["push", str(folder), "--repo-id", "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{expected} folder {folder} -> https://huggingface.co/me/x")
+    listed = [line.split()[-1] for line in out.split("\n--- ")[0].splitlines()[1:-1]]
+    assert listed == sorted(before)
+    assert folder_bytes(folder) == before
+
+
+def test_an_adapter_folder_without_weights_or_card_is_refused_before_any_network(tmp_path):
+    from tests.test_loading import make_adapter
+
+    folder = tmp_path / "lora"
+    make_adapter(_base_folder(tmp_path), "lora", folder)
+    (folder / "README.md").unlink()
+    with pytest.raises(ValueError, match=r"incomplete adapter folder \(missing \['README.md'\]"):
+        push_to_hub(folder, "me/x", api=RecordingApi())
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        push_to_hub(folder, "me/x", dry_run=True)
+
+
+def _base_folder(root):
+    from tests.conftest import build_word_tokenizer
+    from tests.test_loading import WORDS
+
+    build_tiny_model("llama").save_pretrained(root / "base")
+    build_word_tokenizer(WORDS).save_pretrained(root / "base")
+    return root

@@ -194,3 +194,30 @@ def test_an_unknown_hub_id_offline_is_one_line_naming_the_setting(known_tiny):
     with pytest.raises(FileNotFoundError, match=r"'some-org/model' is not a local folder .* "
                        r"HF_HUB_OFFLINE is set: pass a local folder"):  # fmt: skip
         inspect_output("some-org/model")
+
+
+def test_verbs_that_need_a_plain_model_get_the_adapter_merged(ws, tmp_path):
+    """``load_model_and_tokenizer`` (prune, analyze, compress, mask jobs) on an adapter
+    folder: the base with the adapter merged in, a plain transformers model."""
+    adapted = make_adapter(ws, "masked_lr", tmp_path / "adapter")
+    model, _ = load_model_and_tokenizer(str(tmp_path / "adapter"))
+    assert not isinstance(model, PeftModel)
+    ids = torch.randint(1, 100, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted(input_ids=ids).logits)
+
+
+@pytest.mark.slow  # lm-eval task set-up: ~15 s
+def test_cli_eval_runs_lm_eval_tasks_on_the_local_files(ws, tmp_path, capsys, monkeypatch):
+    make_adapter(ws, "lora", tmp_path / "lora")
+    data = tmp_path / "data"
+    (data / "lambada").mkdir(parents=True)
+    lines = [json.dumps({"text": f"w{i} x{i % 31} w{i + 1} x{(i + 1) % 31}"}) for i in range(4)]
+    (data / "lambada" / "lambada_test.jsonl").write_text("\n".join(lines))
+    monkeypatch.setenv("HF_SPARSE_DATA_DIR", str(data))
+    argv = ["eval", str(tmp_path / "lora"), "--dataset", str(ws / "text.txt"), "--tasks",
+            "lambada", "--limit", "3", "--sequence-length", "16", "--num-windows", "2"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert 0 <= summary["tasks"]["lambada"]["acc"] <= 1
+    assert summary["tasks"]["lambada"]["perplexity"] > 1
