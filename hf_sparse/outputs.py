@@ -86,15 +86,17 @@ def write_outputs(
     record: dict[str, Any],
     recipe: dict[str, Any] | None,
     card: bool = True,
+    source: str | None = None,
 ) -> None:
     """The files every output folder holds: results, recipe and (``card``) its model card,
-    ``README.md`` (``hf_sparse.cards``; write the weights first, the card reads the folder)."""
+    ``README.md`` (``hf_sparse.cards``; write the weights first, the card reads the folder).
+    ``source``: where the base model was loaded from, when the recipe does not say."""
     write_results(folder, record)
     write_recipe(folder, recipe)
     if card:
         from .cards import write_card
 
-        write_card(folder, record, recipe)
+        write_card(folder, record, recipe, source=source)
 
 
 def read_results(folder: str | os.PathLike) -> dict[str, Any] | None:
