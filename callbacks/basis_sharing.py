@@ -5,6 +5,8 @@ fine-tuning: the model handed to Trainer is built with ``get_basis_sharing_model
 (dense weights still in place, factors allocated), so the optimizer Trainer creates already holds
 the trainable factors; at ``on_train_begin`` this callback collects ``X^T X`` on the first
 ``num_batches`` train batches and fills the factors in place (``fill_deferred_factors_``).
+Every folder the adapter is then saved into (checkpoints, ``trainer.save_model()``) gets
+``hf_sparse_results.json`` (the parameter counts), ``recipe.yaml`` and the card.
 
 Example::
 
@@ -23,11 +25,15 @@ from transformers import TrainerCallback
 
 from hf_sparse.basis_sharing import fill_deferred_factors_
 
+from .saving import add_save_writer, write_callback_outputs
+
 logger = logging.getLogger(__name__)
 
 
 class BasisSharingCallback(TrainerCallback):
-    """Compress the (deferred) basis_sharing adapter once, from the first train batches."""
+    """Compress the (deferred) ``BASIS_SHARING`` adapter once at ``on_train_begin``, from the
+    first ``num_batches`` train batches, then let Trainer fine-tune its factors; each saved
+    folder gets the results, recipe and card (module docstring)."""
 
     def __init__(self, num_batches: int = 16, adapter_name: str = "default") -> None:
         if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
@@ -38,7 +44,10 @@ class BasisSharingCallback(TrainerCallback):
         self.counts: dict[str, int] | None = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if self.compressed or model is None:
+        if model is None:
+            return control
+        add_save_writer(model, "BasisSharingCallback", self._write_outputs)
+        if self.compressed:
             return control
         layers = model.base_model.layers(self.adapter_name)
         if not any(layer.basis_sharing_pending[self.adapter_name] for layer in layers.values()):
@@ -53,9 +62,22 @@ class BasisSharingCallback(TrainerCallback):
                 break
         width = min(b.shape[1] for b in batches)
         calibration = torch.cat([b[:, :width] for b in batches])
-        self.counts = fill_deferred_factors_(
+        self.counts = fill_deferred_factors_(  # long: logged with progress by the library
             model, calibration=calibration, adapter_name=self.adapter_name
         )
         self.compressed = True
         logger.info("basis_sharing: compressed with %d windows: %s", len(calibration), self.counts)
         return control
+
+    def _write_outputs(self, folder, model) -> None:
+        """Results (parameter counts), recipe and card into a folder the adapter was saved in."""
+        if not self.compressed:
+            return
+        config = model.peft_config[self.adapter_name].to_dict()
+        settings = {k: config.get(k) for k in ("ratio", "group_size", "shared_roles")}
+        counts = self.counts or model.base_model.parameter_counts(self.adapter_name)
+        write_callback_outputs(
+            folder, "BasisSharingCallback", model, {**settings, "num_batches": self.num_batches},
+            {"basis_sharing": settings, "num_batches": self.num_batches},
+            {"parameters": counts},
+        )  # fmt: skip

@@ -8,6 +8,9 @@ Lifecycle:
                      ``outside_lr_scale * lr``
                      (tensors without a mask are frozen unless ``freeze_unmasked=False``)
   on_save            write the packed masks next to the checkpoint, so a resumed run reuses them
+  every save         after each ``save_pretrained`` of the model (checkpoints and
+                     ``trainer.save_model()``): the packed masks, ``hf_sparse_results.json``,
+                     ``recipe.yaml`` and the card
 
 Example::
 
@@ -29,10 +32,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from hf_sparse.config_utils import to_dict
 from hf_sparse.importance.samples import first_samples
 from hf_sparse.masked_lr import GoldenConfig, golden_masks
 from hf_sparse.masked_lr.trainer import freeze_parameters_without_masks, set_optimizer_masks
 from hf_sparse.masks import ParameterMasks
+
+from .saving import add_save_writer, write_callback_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,8 @@ class GoldenMaskCallback(TrainerCallback):
     def on_train_begin(
         self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs
     ):
+        self.state = state
+        add_save_writer(model, "GoldenMaskCallback", self._write_outputs)
         if self.masks is None:
             self.masks = self._find_masks(args, state, model, train_dataloader)
             self.masks.check_against(model)
@@ -102,6 +110,27 @@ class GoldenMaskCallback(TrainerCallback):
         set_optimizer_masks(
             optimizer, model, self.masks, self.inside_lr_scale, self.outside_lr_scale
         )
+
+    def _settings(self) -> dict:
+        return {
+            **to_dict(self.config),
+            "masks_file": str(self.masks_file) if self.masks_file is not None else None,
+            "inside_lr_scale": self.inside_lr_scale,
+            "outside_lr_scale": self.outside_lr_scale,
+            "freeze_unmasked": self.freeze_unmasked,
+        }
+
+    def _write_outputs(self, folder: Path, model) -> None:
+        """Masks, results, recipe and card into a folder the model was just saved into."""
+        if self.masks is None:
+            return
+        self.masks.save(folder / GOLDEN_MASKS_FILE)
+        write_callback_outputs(
+            folder, "GoldenMaskCallback", model, self._settings(), {"golden": self._settings()},
+            masks={"file": GOLDEN_MASKS_FILE, "kept": self.masks.count(),
+                   "density": self.masks.density()},
+            global_step=getattr(getattr(self, "state", None), "global_step", None),
+        )  # fmt: skip
 
     def on_save(self, args, state, control, **kwargs):
         if self.masks is not None and state.is_world_process_zero:

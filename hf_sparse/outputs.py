@@ -5,6 +5,7 @@ The results file has the same top-level keys whatever made the folder::
     {"kind": "pruning", "base_model": "...", "config": {...}, "metrics": {...},
      "timings": {"prune_seconds": ...}, "versions": {"hf_sparse": ..., "torch": ...}, ...}
 
+Every output folder also holds its card, ``README.md`` (see ``hf_sparse.cards``).
 ``kind`` is the recipe kind (``pruning``, ``merging``, ``masks``, ``finetune``, ``analysis``,
 ``basis_sharing``, ``spd``) or the callback that wrote it; ``config`` the settings that made
 it; method-specific extras sit beside these keys. ``recipe.yaml`` is the recipe that made the
@@ -81,11 +82,21 @@ def write_recipe(folder: str | os.PathLike, recipe: dict[str, Any] | None) -> Pa
 
 
 def write_outputs(
-    folder: str | os.PathLike, record: dict[str, Any], recipe: dict[str, Any] | None
+    folder: str | os.PathLike,
+    record: dict[str, Any],
+    recipe: dict[str, Any] | None,
+    card: bool = True,
+    source: str | None = None,
 ) -> None:
-    """The two files every output folder holds: results and recipe."""
+    """The files every output folder holds: results, recipe and (``card``) its model card,
+    ``README.md`` (``hf_sparse.cards``; write the weights first, the card reads the folder).
+    ``source``: where the base model was loaded from, when the recipe does not say."""
     write_results(folder, record)
     write_recipe(folder, recipe)
+    if card:
+        from .cards import write_card
+
+        write_card(folder, record, recipe, source=source)
 
 
 def read_results(folder: str | os.PathLike) -> dict[str, Any] | None:

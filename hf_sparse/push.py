@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cards import with_repo_id
 from .loading import ADAPTER_CONFIG, OUTPUT_KINDS
 from .sources import check_safetensors, hub_offline, hub_reachable, weight_files
 
 logger = logging.getLogger(__name__)
 
 CARD = "README.md"
-PLACEHOLDERS = ("<your-namespace>/<model-name>", "<your-namespace>/<adapter-name>")
 DEFAULT_MESSAGE = "Upload {kind} (hf_sparse)"
 
 
@@ -117,10 +117,7 @@ def _upload_files(folder: Path) -> list[Path]:
 
 
 def render_card_for(folder: Path, repo_id: str) -> str:
-    text = (folder / CARD).read_text()
-    for placeholder in PLACEHOLDERS:
-        text = text.replace(placeholder, repo_id)
-    return text
+    return with_repo_id((folder / CARD).read_text(), repo_id)
 
 
 def plan_upload(folder: str | os.PathLike, repo_id: str) -> UploadPlan:

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..calibration import InputStats
+from ..cards import install_peft_card_hook
 from ..data import check_batch_size, check_token_windows
 from ..integrity import check_loaded_tensors, peft_targets, report, stamp_or_verify
 from .config import BasisSharingConfig
@@ -33,6 +34,8 @@ from .layer import BasisSharingLayer, Linear
 from .plan import Group, collect_input_stats, factorize, make_plan, parameter_counts
 
 logger = logging.getLogger(__name__)
+
+install_peft_card_hook()  # save_pretrained writes our card, not peft's stock one
 
 BANK = "basis_sharing_bases"
 SIGMAS = "basis_sharing_sigmas"

@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..cards import install_peft_card_hook
 from ..integrity import check_loaded_tensors, peft_targets, stamp_or_verify
 from ..masks.bitmask import decode_mask, encode_mask, load_masks
 from ..models import is_linear
@@ -32,6 +33,8 @@ from .layer import Linear, MaskedLRLayer
 MASK_KEY = "masked_lr_mask"  # adapter-file key suffix of a packed mask
 _PEFT_PREFIX = "base_model.model."
 _SHOWN = 5  # names listed in an error message
+
+install_peft_card_hook()  # save_pretrained writes our card, not peft's stock one
 
 
 def get_masked_lr_model(

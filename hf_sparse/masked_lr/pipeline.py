@@ -295,8 +295,6 @@ def run_finetune_recipe(
     recipe: FinetuneRecipe, overwrite: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
     """Mask job (or mask file), then fine-tuning; saves adapter/model, masks and results."""
-    from ..hub import render_adapter_card
-
     model, tokenizer = load_checked(recipe.model, recipe.output_dir, overwrite)
     check_sequence_length(model, recipe.finetune.max_length, "finetune.max_length")
     if recipe.mask is not None:
@@ -335,10 +333,7 @@ def run_finetune_recipe(
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             masks.save(Path(tmp) / MASKS_FILE)
-            write_outputs(tmp, record, recipe.to_dict())
-            if ft.adapter == "masked_lr":  # replace peft's generic card
-                card = render_adapter_card(results, recipe.to_dict(), base_model)
-                (Path(tmp) / "README.md").write_text(card)
+            write_outputs(tmp, record, recipe.to_dict())  # + the card
     return {**results, "output_dir": recipe.output_dir}
 
 

@@ -266,12 +266,9 @@ def _results(result: MergeResult, metrics: dict[str, Any], model: nn.Module) -> 
 def _merge_files(
     result: MergeResult, metrics: dict[str, Any] | None, base: nn.Module, recipe, adapter: bool
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The results JSON and the text files (card, recipe) that go with a merge output."""
-    from ..hub import render_merge_card
-
-    results = _results(result, metrics or {}, base)
-    card = render_merge_card(results, recipe, results["base_model"], adapter=adapter)
-    return results, {"README.md": card}
+    """The results JSON and any extra text files of a merge output (the card is written with
+    the results, by ``write_outputs``)."""
+    return _results(result, metrics or {}, base), {}
 
 
 def save_merged_model(

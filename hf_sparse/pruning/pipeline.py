@@ -235,8 +235,6 @@ def save_pruned(
     overwrite: bool = False,
 ) -> Path:
     """Save a pruned model so that plain ``from_pretrained`` loads it, atomically."""
-    from ..hub import render_model_card
-
     base_model = base_model_id(base_model or model)
     report = sparsity_report(model, sorted(result.masks))
     metrics = dict(metrics or {})
@@ -260,8 +258,7 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_masks(result.masks, tmp / MASKS_FILE)
-        write_outputs(tmp, record, recipe_dict)
-        (tmp / "README.md").write_text(render_model_card(block, record, recipe_dict, base_model))
+        write_outputs(tmp, record, recipe_dict)  # + the card
     logger.info("saved pruned model to %s", output_dir)
     return Path(output_dir)
 

@@ -26,12 +26,15 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
+from ..cards import install_peft_card_hook
 from ..integrity import check_loaded_tensors, peft_targets, stamp_or_verify
 from ..models import is_linear, weight_matrix
 from .config import SPDConfig
 from .layer import Linear, SPDLayer, SPDRuntime
 
 _SHOWN = 5
+
+install_peft_card_hook()  # save_pretrained writes our card, not peft's stock one
 
 
 def get_spd_model(model: nn.Module, config: SPDConfig, adapter_name: str = "default") -> PeftModel:
