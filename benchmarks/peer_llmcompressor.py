@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
     dataset, n, seqlen = load_calib(args.calib)
     recipe = build_recipe(args)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model = oneshot(
         model=model,  # preloaded, so wall_s excludes model loading
         processor=processor,
@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         pipeline="sequential",
     )
     wall_s = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0  # all threads of this process
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
     # save_pretrained is wrapped by llmcompressor; save_compressed=False forces the
@@ -216,6 +217,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.owl
         else None,
         "wall_s": round(wall_s, 4),
+        "cpu_s": round(cpu_s, 4),
         "peak_rss_mib": round(peak_rss_mib, 1),
         "out": str(args.out),
     }

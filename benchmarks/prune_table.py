@@ -18,6 +18,10 @@ The forward-pass floor (``--floor``): the sequential engine's calibration passes
 block run once to be measured and once to propagate, no statistics, no solve), and a single
 dense pass through the blocks; printed beside each method's wall time.
 
+Each timed step also records its process CPU time (all threads): on a machine shared with other
+work, wall time grows with the load while CPU time stays close to the work done, so the table
+gives both and the ratios in each.
+
 Each model-touching step runs in a child process (peak RSS of its own); the parent writes
 ``prune_table.json`` / ``prune_table.md`` under ``--out`` after every cell, so a partial run
 keeps what it measured. Cells are run ours/theirs interleaved per row; ``--repeats`` (default 1)
@@ -128,11 +132,12 @@ def floor(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     calib = base.load_windows(args, "calib")
     model = base.load_model(args.model)
-    engine, single = [], []
+    engine, single, engine_cpu = [], [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run_sequential(model, calib, lambda _n, _b: lambda: None, show_progress=False)
         engine.append(time.perf_counter() - start)
+        engine_cpu.append(time.process_time() - cpu)
         start = time.perf_counter()
         dense_input_sq_norms(model, calib, {}, show_progress=False)
         single.append(time.perf_counter() - start)
@@ -141,6 +146,7 @@ def floor(args: argparse.Namespace) -> dict:
     dense_input_sq_norms(model, calib, grouped, show_progress=False)
     with_norms = time.perf_counter() - start
     return {"engine_s": statistics.median(engine), "engine_walls": engine,
+            "engine_cpu_s": statistics.median(engine_cpu),
             "one_pass_s": statistics.median(single), "one_pass_walls": single,
             "one_pass_with_norms_s": with_norms, "threads": torch.get_num_threads()}  # fmt: skip
 
@@ -158,16 +164,19 @@ def cell(args: argparse.Namespace, variant: str, sparsity: float, mask: str) -> 
         settings.update(owl_m=OWL_M, owl_lambda=OWL_LAMBDA)
     calib = base.load_windows(args, "calib")
     walls: list[float] = []
+    cpus: list[float] = []
     model = None
     for _ in range(args.repeats):
         del model
         model = base.load_model(args.model)
         config = pruning_config_from_dict(method, dict(settings))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = prune_(model, config, calib, show_progress=False)
         walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
     peak = base.peak_rss_mib()
     record = {"wall_s": statistics.median(walls), "walls": walls, "peak_rss_mib": peak,
+              "cpu_s": statistics.median(cpus), "cpus": cpus,
               "settings": settings, "threads": torch.get_num_threads()}  # fmt: skip
     if result.owl is not None:
         record["owl"] = result.owl.summary()
@@ -213,7 +222,9 @@ def run_peer(args: argparse.Namespace, variant: str, sparsity: float, mask: str)
         return {"error": next(r["error"] for r in runs if "error" in r)}
     score = child(worker_cmd(args, "--evaluate", str(out_dir)), f"evaluate peer {variant}")
     walls = [r["wall_s"] for r in runs]
+    cpus = [r["cpu_s"] for r in runs]
     return {"wall_s": statistics.median(walls), "walls": walls,
+            "cpu_s": statistics.median(cpus), "cpus": cpus,
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
             "version": runs[0]["version"], "owl": runs[0].get("owl"), **score}  # fmt: skip
 
@@ -244,8 +255,10 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def markdown(state: dict) -> str:
     dense = state["dense"]["ppl"]
     floor_s = (state.get("floor") or {}).get("engine_s")
+    floor_cpu = (state.get("floor") or {}).get("engine_cpu_s")
     head = ["row", "library", "variant", "ppl", "ratio to dense", "wall s", "x floor",
-            "peak MiB", "ours/peer best wall", "zeros check"]  # fmt: skip
+            "cpu s", "x floor (cpu)", "peak MiB", "ours/peer best wall",
+            "ours/peer best cpu", "zeros check"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row_name, row in state["rows"].items():
         peers = [r for r in row["peer"].values() if r.get("check") == "ok"]
@@ -256,12 +269,18 @@ def markdown(state: dict) -> str:
             if "error" in r:
                 lines.append(f"| {row_name} | {library} | {variant} | {r['error']} |")
                 continue
-            ratio = r["wall_s"] / best_peer["wall_s"] if best_peer and library == "ours" else None
+            ours = best_peer and library == "ours"
+            ratio = r["wall_s"] / best_peer["wall_s"] if ours else None
+            cpu = r.get("cpu_s")
+            peer_cpu = best_peer.get("cpu_s") if ours else None
+            cpu_ratio = cpu / peer_cpu if cpu and peer_cpu else None
             values = [row_name, library, variant, fmt(r["ppl"], ".2f"),
                       fmt(r["ppl"] / dense, ".3f", "x"), fmt(r["wall_s"], ".1f"),
                       fmt(r["wall_s"] / floor_s if floor_s else None, ".2f", "x"),
+                      fmt(cpu, ".1f"), fmt(cpu / floor_cpu if cpu and floor_cpu else None,
+                                           ".2f", "x"),
                       fmt(r["peak_rss_mib"], ".0f"), fmt(ratio, ".2f", "x"),
-                      r["check"]]  # fmt: skip
+                      fmt(cpu_ratio, ".2f", "x"), r["check"]]  # fmt: skip
             lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -273,7 +292,10 @@ def save(args: argparse.Namespace, state: dict) -> None:
     text = (
         f"# Pruning table (protocol v1)\n\n{header}\n- dense ppl: {state['dense']['ppl']:.3f}\n"
         f"- floor: engine (2 passes/block) {fmt(floor_info.get('engine_s'), '.1f')} s, "
-        f"one pass {fmt(floor_info.get('one_pass_s'), '.1f')} s\n\n"
+        f"one pass {fmt(floor_info.get('one_pass_s'), '.1f')} s; engine CPU time "
+        f"{fmt(floor_info.get('engine_cpu_s'), '.1f')} s\n"
+        "- cpu s: CPU time of the pruning process (all threads), the cost measure that load "
+        "from other processes on a shared machine disturbs least\n\n"
         f"{markdown(state)}\n"
     )
     (args.out / "prune_table.md").write_text(text)
