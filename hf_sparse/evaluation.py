@@ -194,6 +194,7 @@ class EvalSettings:
     batch_size: int = 4  # windows per forward pass
     tasks: tuple[str, ...] = ()  # lm-eval tasks on the local task files (lambada, hellaswag)
     limit: int | None = 500  # examples per lm-eval task (None: all)
+    layers: bool = False  # also report each linear layer's sparsity (models, not adapters)
 
     def check(self) -> None:
         from .data import check_batch_size, check_data_source
@@ -243,7 +244,10 @@ def evaluate_output(
         summary["provenance"] = known_provenance(known) or f"converted copy at {weights}"
     summary.update(perplexity(model, windows, settings.batch_size).to_dict())
     if plan.kind != "adapter":  # an adapter's layers are not plain linears
-        summary["linear_sparsity"] = overall_sparsity(sparsity_report(model))
+        report = sparsity_report(model)
+        summary["linear_sparsity"] = overall_sparsity(report)
+        if settings.layers:
+            summary["layers"] = [asdict(r) for r in report]
     if settings.tasks:
         import sys
 

@@ -236,3 +236,14 @@ def test_cli_eval_runs_lm_eval_tasks_on_the_local_files(ws, tmp_path, capsys, mo
     summary = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
     assert 0 <= summary["tasks"]["lambada"]["acc"] <= 1
     assert summary["tasks"]["lambada"]["perplexity"] > 1
+
+
+def test_cli_eval_of_a_model_with_the_layer_table(ws, capsys):
+    argv = ["eval", str(ws / "base"), "--dataset", str(ws / "text.txt"), "--layers",
+            "--sequence-length", str(LENGTH), "--num-windows", "2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table, _, rest = out.partition("\n{")
+    assert "model.layers.0.mlp.down_proj" in table and "overall" in table
+    summary = json.loads("{" + rest)
+    assert summary["kind"] == "model" and summary["linear_sparsity"] == 0
