@@ -329,16 +329,15 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import EvalSettings, evaluate_output, format_sparsity_report, sparsity_report
+    from .evaluation import EvalSettings, LayerSparsity, evaluate_output, format_sparsity_report
 
     tasks = tuple(t for t in (args.tasks or "").split(",") if t)
     settings = EvalSettings(args.dataset, args.sequence_length, args.num_windows,
-                            args.batch_size, tasks, args.limit)  # fmt: skip
+                            args.batch_size, tasks, args.limit, args.layers)  # fmt: skip
     summary = evaluate_output(args.model, settings, base=args.base)
-    if args.layers and summary["kind"] != "adapter":
-        from .loading import load_output
-
-        print(format_sparsity_report(sparsity_report(load_output(args.model, args.base)[0])))
+    layers = summary.pop("layers", None)
+    if layers:
+        print(format_sparsity_report([LayerSparsity(**row) for row in layers]))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -468,7 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated lm-eval tasks on the local task files: lambada,hellaswag",
     )
     p.add_argument("--limit", type=int, default=500, help="examples per lm-eval task")
-    p.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
+    p.add_argument(
+        "--layers",
+        action="store_true",
+        help="print the per-layer sparsity table (models, not adapters)",
+    )
 
     p = command("push", "upload an output folder of any kind to the Hub (never modified)",
                 cmd_push)  # fmt: skip

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +194,7 @@ class EvalSettings:
     batch_size: int = 4  # windows per forward pass
     tasks: tuple[str, ...] = ()  # lm-eval tasks on the local task files (lambada, hellaswag)
     limit: int | None = 500  # examples per lm-eval task (None: all)
+    layers: bool = False  # also report each linear layer's sparsity (models, not adapters)
 
     def check(self) -> None:
         from .data import check_batch_size, check_data_source
@@ -217,7 +220,8 @@ def evaluate_output(
     adapter folder is evaluated with its adapter applied. Inputs are checked (flags, data, the
     sequence length against the model's positions) before any weight is loaded."""
     from .data import check_sequence_length, evaluation_windows
-    from .loading import inspect_output
+    from .loading import inspect_output, known_provenance
+    from .real_model import MARKER
 
     settings = settings or EvalSettings()
     settings.check()
@@ -228,12 +232,22 @@ def evaluate_output(
         tokenizer, settings.dataset, settings.sequence_length, settings.num_windows
     )
     summary: dict = {"model": str(path), "kind": plan.kind}
+    if plan.path != str(path):
+        summary["loaded_from"] = plan.path  # a known name or offline Hub id: the local copy
     if plan.base is not None:
         summary["base"] = plan.base_name or plan.base
+        summary["base_loaded_from"] = plan.base
         summary["peft_type"] = plan.extra.get("peft_type")
+    weights = Path(plan.base or plan.path)
+    if (weights / MARKER).is_file():  # our converted copy of a known model, not the Hub's
+        known = json.loads((weights / MARKER).read_text()).get("name")
+        summary["provenance"] = known_provenance(known) or f"converted copy at {weights}"
     summary.update(perplexity(model, windows, settings.batch_size).to_dict())
     if plan.kind != "adapter":  # an adapter's layers are not plain linears
-        summary["linear_sparsity"] = overall_sparsity(sparsity_report(model))
+        report = sparsity_report(model)
+        summary["linear_sparsity"] = overall_sparsity(report)
+        if settings.layers:
+            summary["layers"] = [asdict(r) for r in report]
     if settings.tasks:
         import sys
 

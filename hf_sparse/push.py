@@ -94,9 +94,12 @@ def check_upload_folder(folder: str | os.PathLike) -> Path:
     needed = UPLOAD_CHECKS.get(kind, _model_files)(folder)
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
+        card = (
+            " (a model card: hf_sparse commands and callbacks write one)" if CARD in missing else ""
+        )
         raise ValueError(
-            f"{folder} is an incomplete {kind} folder (missing {missing}); save it again with "
-            "the hf-sparse command, callback or save_pretrained that made it"
+            f"{folder} is an incomplete {kind} folder (missing {missing}){card}; save it again "
+            "with the command or callback that made it, or add the missing files"
         )
     return folder
 

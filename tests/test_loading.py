@@ -18,7 +18,7 @@ from hf_sparse import load_output
 from hf_sparse.cli import main
 from hf_sparse.data import evaluation_windows
 from hf_sparse.evaluation import EvalSettings, evaluate_output, perplexity
-from hf_sparse.loading import inspect_output, load_model_and_tokenizer
+from hf_sparse.loading import inspect_output, known_provenance, load_model_and_tokenizer
 from hf_sparse.outputs import RESULTS_FILE
 from tests.conftest import build_tiny_model, build_word_tokenizer
 from tests.test_peft_contract import BASIS_SHARING, MASKED_LR, SPD, Case
@@ -174,20 +174,35 @@ def known_tiny(ws, tmp_path, monkeypatch):
     return copy
 
 
-def test_adapters_record_the_hub_id_and_load_offline_from_the_local_copy(known_tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["masked_lr", "basis_sharing", "spd", "lora"])
+def test_adapters_record_the_hub_id_and_load_offline_from_the_local_copy(
+    known_tiny, tmp_path, kind
+):
     model, _ = load_model_and_tokenizer("tiny-known")
     assert model.name_or_path == "hf-sparse-test/tiny-llama"
-    adapted = _lora(model, 0).eval()
-    adapted.save_pretrained(tmp_path / "lora")
-    recorded = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    if kind == "lora":
+        adapted = _lora(model, 0)
+    else:
+        method, options = METHODS[kind]
+        adapted = method.adapt(model, Case(method, "llama", options), "default", 0)
+        method.nudge(adapted, 0)
+    adapted.eval().save_pretrained(tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert recorded["base_model_name_or_path"] == "hf-sparse-test/tiny-llama"
 
-    plan = inspect_output(tmp_path / "lora")  # offline: the Hub id -> the local copy
+    plan = inspect_output(tmp_path / "adapter")  # offline: the Hub id -> the local copy
     assert plan.base == str(known_tiny) and plan.base_name == "hf-sparse-test/tiny-llama"
     loaded, _ = plan.load()
     ids = torch.randint(1, 100, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, adapted(input_ids=ids).logits)
+
+
+def test_the_known_model_table_says_where_our_copy_comes_from():
+    text = known_provenance("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert text == known_provenance("smollm2-135m")
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1" in text and "not the Hub's own" in text
+    assert known_provenance("gpt2") is None
 
 
 def test_an_unknown_hub_id_offline_is_one_line_naming_the_setting(known_tiny):
@@ -221,3 +236,14 @@ def test_cli_eval_runs_lm_eval_tasks_on_the_local_files(ws, tmp_path, capsys, mo
     summary = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
     assert 0 <= summary["tasks"]["lambada"]["acc"] <= 1
     assert summary["tasks"]["lambada"]["perplexity"] > 1
+
+
+def test_cli_eval_of_a_model_with_the_layer_table(ws, capsys):
+    argv = ["eval", str(ws / "base"), "--dataset", str(ws / "text.txt"), "--layers",
+            "--sequence-length", str(LENGTH), "--num-windows", "2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table, _, rest = out.partition("\n{")
+    assert "model.layers.0.mlp.down_proj" in table and "overall" in table
+    summary = json.loads("{" + rest)
+    assert summary["kind"] == "model" and summary["linear_sparsity"] == 0
