@@ -80,6 +80,7 @@ class CardContext:
     peft_type: str | None
     repo_id: str
     files_hint: str = "the output's files"
+    subfolder: str | None = None  # where the adapter sits inside the output, if not at its top
 
     @property
     def metrics(self) -> dict[str, Any]:

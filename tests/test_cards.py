@@ -338,3 +338,16 @@ def test_write_card_reads_what_the_folder_holds(tmp_path):
     assert not (tmp_path / "README.md").exists()
     write_card(tmp_path)
     validate((tmp_path / "README.md").read_text(), row)
+
+
+def test_an_adapter_in_a_subfolder_is_loaded_from_it(tmp_path):
+    """The SPD recipe saves its adapter under adapter/: the card's snippet says so."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "SPD"}))
+    row = next(r for r in ROWS if r.kind == "spd_adapter")
+    write_outputs(tmp_path, row.record, row.recipe)
+    card_text = (tmp_path / "README.md").read_text()
+    assert (
+        f'PeftModel.from_pretrained(base, "{REPO_ID_PLACEHOLDER}", subfolder="adapter")'
+        in card_text
+    )

@@ -96,3 +96,15 @@ def test_basis_sharing_callback_adapter_folders_get_counts_and_card(tmp_path):
     meta = check_card(folder, "BasisSharingCallback", "basis-sharing")
     assert meta["library_name"] == "peft"
     assert read_results(folder)["metrics"]["parameters"]["removed"] > 0
+
+
+def test_every_callback_has_a_docstring_and_its_module_a_lifecycle():
+    import inspect
+
+    import hf_sparse.callbacks as callbacks
+
+    for name in callbacks.__all__:
+        cls = getattr(callbacks, name)
+        assert len(inspect.getdoc(cls) or "") > 60, f"{name} has no real docstring"
+        module_doc = inspect.getmodule(cls).__doc__ or ""
+        assert "Example::" in module_doc and "on_train_begin" in module_doc, name
