@@ -497,6 +497,14 @@ def _merge_kind(record, peft_type, recipe) -> str:
     return "merged_adapter" if peft_type else "merged_model"
 
 
+def _basis_sharing_kind(record, peft_type, recipe) -> str:
+    """``output: compressed`` (or no adapter in the folder) is the standalone model."""
+    output = record.get("output") or (recipe or {}).get("output")
+    if output == "compressed" or (output is None and peft_type is None):
+        return "basis_sharing_compressed"
+    return "basis_sharing_adapter"
+
+
 def _spd_kind(record, peft_type, recipe) -> str:
     return "spd_toy" if "toy_kind" in (record.get("config") or {}) else "spd_adapter"
 
@@ -508,7 +516,7 @@ _BY_RECORD: dict[str, str | Callable[..., str]] = {
     "GoldenMaskCallback": "finetuned_model",
     "merging": _merge_kind,
     "TaskVectorPruneCallback": "task_vector_adapter",
-    "basis_sharing": "basis_sharing_adapter",
+    "basis_sharing": _basis_sharing_kind,
     "BasisSharingCallback": "basis_sharing_adapter",
     "basis_sharing_compressed": "basis_sharing_compressed",
     "spd": _spd_kind,

@@ -147,6 +147,14 @@ ROWS = [
         load="trust_remote_code=True", text=("without the dense base",),
     ),
     Row(
+        "basis_sharing_compressed",
+        record("basis_sharing", {"ratio": 0.2, "group_size": 4}, {"compressed": ppl(24.0)},
+               output="compressed"),
+        {"model": "smollm2-135m", "basis_sharing": {"ratio": 0.2}, "evaluation": EVAL,
+         "output": "compressed"},
+        tag="basis-sharing", own=(("perplexity", 24.0),), load="trust_remote_code=True",
+    ),
+    Row(
         "spd_adapter",
         record("spd", {"data": {"source": "wikitext2"}, "spd": {"num_components": 8}},
                {"kl": {"ci_masked": 0.5, "all_components": 0.01}},
