@@ -104,7 +104,6 @@ class RenderedParts:
     title: str
     summary: str
     figures: list[Figure] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

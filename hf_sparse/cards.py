@@ -102,7 +102,8 @@ def _from_gguf(name: str) -> BaseInfo:
         f"Every figure on this card was measured with that dequantized base; the Hub "
         f"checkpoint has different weights and gives different figures."
     )
-    return BaseInfo(spec.hub_id, spec.hub_id, text, f"{quant} GGUF", name)
+    shown = f"{spec.hub_id} (dequantized from a {quant} GGUF)"  # titles and model-index say so
+    return BaseInfo(spec.hub_id, shown, text, f"{quant} GGUF", name)
 
 
 def _known_local(path: Path) -> str | None:
@@ -321,14 +322,13 @@ def render_card(
     parts = card_kind.render(ctx)
     metadata = _metadata(card_kind, ctx, parts)
     return load_template("card.md").safe_substitute(
-        metadata=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(),
+        metadata=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000).strip(),
         title=parts.title,
         summary=parts.summary.strip(),
         provenance=base.provenance,
         install=_INSTALL[card_kind.load],
         load=_LOADERS[card_kind.load](ctx),
         figures=_figures_table(parts.figures),
-        notes="\n".join(f"- {n}" for n in parts.notes) or "- (none)",
         settings=json.dumps(record.get("config") or {}, indent=2, default=str),
         recipe_intro=_recipe_intro(recipe),
         recipe=yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(none recorded)",

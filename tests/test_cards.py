@@ -205,6 +205,8 @@ def validate(card_text: str, row: Row) -> dict:
         assert meta["base_model"] == HUB_ID
         assert "dequantized to float32 from a Q4_1 GGUF" in card_text
         assert "not the Hub's bf16 checkpoint" in card_text
+        if card.data.eval_results:  # the figures are not presented as the Hub model's
+            assert "(dequantized from a Q4_1 GGUF)" in card.data.model_name
     else:
         assert "base_model" not in meta  # a study or a mask file is not a derived model
     assert meta.get("base_model_relation") == row.relation
