@@ -80,6 +80,7 @@ class CardContext:
     peft_type: str | None
     repo_id: str
     files_hint: str = "the output's files"
+    subfolder: str | None = None  # where the adapter sits inside the output, if not at its top
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -103,7 +104,6 @@ class RenderedParts:
     title: str
     summary: str
     figures: list[Figure] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -496,6 +496,14 @@ def _merge_kind(record, peft_type, recipe) -> str:
     return "merged_adapter" if peft_type else "merged_model"
 
 
+def _basis_sharing_kind(record, peft_type, recipe) -> str:
+    """``output: compressed`` (or no adapter in the folder) is the standalone model."""
+    output = record.get("output") or (recipe or {}).get("output")
+    if output == "compressed" or (output is None and peft_type is None):
+        return "basis_sharing_compressed"
+    return "basis_sharing_adapter"
+
+
 def _spd_kind(record, peft_type, recipe) -> str:
     return "spd_toy" if "toy_kind" in (record.get("config") or {}) else "spd_adapter"
 
@@ -507,7 +515,7 @@ _BY_RECORD: dict[str, str | Callable[..., str]] = {
     "GoldenMaskCallback": "finetuned_model",
     "merging": _merge_kind,
     "TaskVectorPruneCallback": "task_vector_adapter",
-    "basis_sharing": "basis_sharing_adapter",
+    "basis_sharing": _basis_sharing_kind,
     "BasisSharingCallback": "basis_sharing_adapter",
     "basis_sharing_compressed": "basis_sharing_compressed",
     "spd": _spd_kind,

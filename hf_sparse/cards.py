@@ -102,7 +102,8 @@ def _from_gguf(name: str) -> BaseInfo:
         f"Every figure on this card was measured with that dequantized base; the Hub "
         f"checkpoint has different weights and gives different figures."
     )
-    return BaseInfo(spec.hub_id, spec.hub_id, text, f"{quant} GGUF", name)
+    shown = f"{spec.hub_id} (dequantized from a {quant} GGUF)"  # titles and model-index say so
+    return BaseInfo(spec.hub_id, shown, text, f"{quant} GGUF", name)
 
 
 def _known_local(path: Path) -> str | None:
@@ -250,11 +251,12 @@ def _load_model(ctx: CardContext) -> str:
 def _load_adapter(ctx: CardContext) -> str:
     base = ctx.base.hub_id or "<the base model>"
     peft_type = ctx.peft_type or "MASKED_LR"
+    subfolder = f', subfolder="{ctx.subfolder}"' if ctx.subfolder else ""
     return (
         f"import hf_sparse  # registers {peft_type} with peft (else KeyError: '{peft_type}')\n"
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
-        f'model = PeftModel.from_pretrained(base, "{ctx.repo_id}")'
+        f'model = PeftModel.from_pretrained(base, "{ctx.repo_id}"{subfolder})'
     )
 
 
@@ -299,9 +301,11 @@ def render_card(
     adapter_config: Mapping[str, Any] | None = None,
     kind: str | None = None,
     repo_id: str = REPO_ID_PLACEHOLDER,
+    subfolder: str | None = None,
 ) -> str:
     """The card of an output from its results ``record``, ``recipe``, the ``source`` its base
-    was loaded from (``model.name_or_path``) and, for adapters, its ``adapter_config``."""
+    was loaded from (``model.name_or_path``) and, for adapters, its ``adapter_config`` (and
+    the ``subfolder`` the adapter sits in, when not at the top of the output)."""
     record = dict(record or {})
     recipe = dict(recipe) if recipe else None
     peft_type = str((adapter_config or {}).get("peft_type") or "") or None
@@ -314,18 +318,17 @@ def render_card(
     )
     name = kind or resolve_kind(record, peft_type, recipe)
     card_kind = CARD_KINDS[name]
-    ctx = CardContext(record, recipe, base, peft_type, repo_id)
+    ctx = CardContext(record, recipe, base, peft_type, repo_id, subfolder=subfolder)
     parts = card_kind.render(ctx)
     metadata = _metadata(card_kind, ctx, parts)
     return load_template("card.md").safe_substitute(
-        metadata=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip(),
+        metadata=yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True, width=1000).strip(),
         title=parts.title,
         summary=parts.summary.strip(),
         provenance=base.provenance,
         install=_INSTALL[card_kind.load],
         load=_LOADERS[card_kind.load](ctx),
         figures=_figures_table(parts.figures),
-        notes="\n".join(f"- {n}" for n in parts.notes) or "- (none)",
         settings=json.dumps(record.get("config") or {}, indent=2, default=str),
         recipe_intro=_recipe_intro(recipe),
         recipe=yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(none recorded)",
@@ -396,9 +399,19 @@ def write_card(
         record = _read_json(folder / RESULTS_FILE)
     if recipe is None and (folder / RECIPE_FILE).is_file():
         recipe = yaml.safe_load((folder / RECIPE_FILE).read_text())
+    subfolder = None
     if adapter_config is None:
         adapter_config = _read_json(folder / "adapter_config.json")
-    text = render_card(record, recipe, source=source, adapter_config=adapter_config, kind=kind)
+    if adapter_config is None:  # e.g. the SPD recipe saves its adapter under adapter/
+        for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+            adapter_config = _read_json(child / "adapter_config.json")
+            if adapter_config is not None:
+                subfolder = child.name
+                break
+    text = render_card(
+        record, recipe, source=source, adapter_config=adapter_config, kind=kind,
+        subfolder=subfolder,
+    )  # fmt: skip
     path = folder / CARD_FILE
     tmp = path.with_name(f".{CARD_FILE}.tmp")
     tmp.write_text(text)

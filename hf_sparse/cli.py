@@ -36,13 +36,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows argparse defaults, except None/False (flags whose default the recipe decides
-    say so in their own text)."""
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default: argparse's own, ``off`` for a switch, ``not
+    set`` for None (then the recipe or the text says what applies); a help text that already
+    names its default is left as it is."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or action.required:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default is None:
+            if not action.option_strings and action.nargs is None:
+                return text  # a required positional has no default
+            return f"{text} (default: not set)"
         return super()._get_help_string(action)
 
 
@@ -119,7 +127,7 @@ def _prune_flags() -> list[Flag]:
 
     return [
         Flag("--sparsity", "pruning.{method}.sparsity", "fraction removed per layer, in [0, 1)",
-             kwargs={"type": float}),
+             "0.5, or 1 - N/M with an N:M --mask", {"type": float}),
         Flag("--mask", "pruning.{method}.mask", "'unstructured' or N:M, e.g. 2:4",
              default_of(P, "mask")),
         Flag("--targets", "pruning.{method}.targets", "patterns of layers to prune",
@@ -189,7 +197,7 @@ def _analyze_flags() -> list[Flag]:
     return [
         Flag("--metric", "analysis.metric", "importance metric", default_of(A, "metric")),
         Flag("--top-k", "analysis.top_k", "size of the critical set (a count)",
-             kwargs={"type": int}),
+             "--top-k-percent's", {"type": int}),
         Flag("--top-k-percent", "analysis.top_k", "... or a percentage", default_of(A, "top_k"),
              {"type": float}),
         Flag("--mode", "analysis.mode", "global, layer or head", default_of(A, "mode")),
@@ -201,13 +209,16 @@ def _analyze_flags() -> list[Flag]:
 
 
 def _compress_flags() -> list[Flag]:
+    from .basis_sharing.config import DEFAULT_SHARED_ROLES
+    from .basis_sharing.config import BasisSharingConfig as B
+
     return [
         Flag("--ratio", "basis_sharing.ratio", "share of targeted parameters removed, in (0, 1)",
-             kwargs={"type": float}),
+             default_of(B, "ratio"), {"type": float}),
         Flag("--group-size", "basis_sharing.group_size", "consecutive layers sharing a basis",
-             kwargs={"type": int}),
+             default_of(B, "group_size"), {"type": int}),
         Flag("--shared-roles", "basis_sharing.shared_roles", "roles that share bases",
-             kwargs={"nargs": "+"}),
+             "the paper's, those present: " + " ".join(DEFAULT_SHARED_ROLES), {"nargs": "+"}),
         Flag("--target-roles", "basis_sharing.target_roles", "roles to compress", "all",
              {"nargs": "+"}),
         Flag("--blocks", "basis_sharing.blocks", "decoder-block ModuleList path or 're:'",
@@ -364,7 +375,8 @@ def _add_output_flags(p: argparse.ArgumentParser, required: bool = False) -> Non
         "--output-dir",
         required=required,
         default=None,
-        help="where the output goes (written to a temporary folder, then renamed)",
+        help="where the output goes (written to a temporary folder, then renamed)"
+        + ("" if required else " (default: the recipe's output_dir)"),
     )
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing non-empty output folder")  # fmt: skip
@@ -379,12 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .pruning.config import PRUNING_METHODS
     from .spd.experiments import EXPERIMENTS
 
-    parser = _Parser(
-        prog="hf-sparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="hf-sparse", description=__doc__, formatter_class=_FORMATTER)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
@@ -398,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", "run a YAML recipe of any kind", cmd_run)
     p.add_argument("recipe", help="recipe file (see recipes/)")
-    p.add_argument("--model", default=None, help="override the recipe's model")
+    p.add_argument(
+        "--model", default=None, help="override the recipe's model (default: the recipe's)"
+    )
     _add_output_flags(p)
 
     p = command("prune", "prune a model one-shot and save it", cmd_prune)
@@ -409,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip perplexity")
     _add_output_flags(p, required=True)
 
-    mask = sub.add_parser("mask", help="score parameters or search golden masks; save the masks")
+    mask = sub.add_parser(
+        "mask", help="score parameters or search golden masks; save the masks",
+        formatter_class=_FORMATTER,
+    )  # fmt: skip
     jobs = mask.add_subparsers(dest="job", required=True)
     for job, help_text in (
         ("score", "top-k of one importance metric"),
@@ -424,8 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("merge", "merge fine-tuned models or adapters per a YAML recipe", cmd_merge)
     p.add_argument("recipe", help="mergekit-like YAML: merge_method, base_model, models, ...")
-    p.add_argument("--model", default=None, help="override the recipe's base_model")
-    p.add_argument("--blocks", default=None, help="decoder-block ModuleList path or 're:'")
+    p.add_argument("--model", default=None,
+                   help="override the recipe's base_model (default: the recipe's)")  # fmt: skip
+    p.add_argument(
+        "--blocks",
+        default=None,
+        help="decoder-block ModuleList path or 're:' (default: found from the model)",
+    )
     _add_output_flags(p)
 
     p = command("analyze", "critical-weight study: scores, perturbations, report", cmd_analyze)
@@ -434,8 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(p)
 
     p = command("compress", "compress a model with Basis Sharing and save it", cmd_compress)
-    p.add_argument("recipe", nargs="?", help="recipe YAML (the flags override it)")
-    p.add_argument("--model", default=None, help="known name, local folder or Hub id")
+    p.add_argument(
+        "recipe", nargs="?", help="recipe YAML (the flags override it; default: none, flags only)"
+    )
+    p.add_argument("--model", default=None,
+                   help="known name, local folder or Hub id (default: the recipe's)")  # fmt: skip
     _add_flags(p, _compress_flags())
     p.add_argument("--no-whitening", action="store_true", help="plain SVD (no calibration)")
     p.add_argument("--update", action="store_true", help="refit coefficients after compressing")

@@ -147,6 +147,14 @@ ROWS = [
         load="trust_remote_code=True", text=("without the dense base",),
     ),
     Row(
+        "basis_sharing_compressed",
+        record("basis_sharing", {"ratio": 0.2, "group_size": 4}, {"compressed": ppl(24.0)},
+               output="compressed"),
+        {"model": "smollm2-135m", "basis_sharing": {"ratio": 0.2}, "evaluation": EVAL,
+         "output": "compressed"},
+        tag="basis-sharing", own=(("perplexity", 24.0),), load="trust_remote_code=True",
+    ),
+    Row(
         "spd_adapter",
         record("spd", {"data": {"source": "wikitext2"}, "spd": {"num_components": 8}},
                {"kl": {"ci_masked": 0.5, "all_components": 0.01}},
@@ -197,6 +205,8 @@ def validate(card_text: str, row: Row) -> dict:
         assert meta["base_model"] == HUB_ID
         assert "dequantized to float32 from a Q4_1 GGUF" in card_text
         assert "not the Hub's bf16 checkpoint" in card_text
+        if card.data.eval_results:  # the figures are not presented as the Hub model's
+            assert "(dequantized from a Q4_1 GGUF)" in card.data.model_name
     else:
         assert "base_model" not in meta  # a study or a mask file is not a derived model
     assert meta.get("base_model_relation") == row.relation
@@ -338,3 +348,16 @@ def test_write_card_reads_what_the_folder_holds(tmp_path):
     assert not (tmp_path / "README.md").exists()
     write_card(tmp_path)
     validate((tmp_path / "README.md").read_text(), row)
+
+
+def test_an_adapter_in_a_subfolder_is_loaded_from_it(tmp_path):
+    """The SPD recipe saves its adapter under adapter/: the card's snippet says so."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "SPD"}))
+    row = next(r for r in ROWS if r.kind == "spd_adapter")
+    write_outputs(tmp_path, row.record, row.recipe)
+    card_text = (tmp_path / "README.md").read_text()
+    assert (
+        f'PeftModel.from_pretrained(base, "{REPO_ID_PLACEHOLDER}", subfolder="adapter")'
+        in card_text
+    )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..calibration import InputStats, StatsCollector, all_reduce_stats
 from ..models import (
@@ -240,6 +241,7 @@ def collect_input_stats(
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
     blocks: str | None = None,
+    show_progress: bool = True,
 ) -> dict[str, InputStats]:
     """``X^T X`` at the input of each linear of the dense model, in one pass over the data.
 
@@ -264,7 +266,8 @@ def collect_input_stats(
     model.eval()
     try:
         with StatsCollector(linears, need_xtx=True, need_sq_norms=False, dtype=dtype) as stats:
-            for batch in calibration.split(batch_size):
+            batches = calibration.split(batch_size)
+            for batch in tqdm(batches, desc="basis sharing: X^T X", disable=not show_progress):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
         model.train(was_training)
@@ -292,13 +295,18 @@ def factorize(
     groups: Mapping[str, Group],
     stats: Mapping[str, InputStats] | None,
     config: BasisSharingConfig,
+    show_progress: bool = True,
 ) -> dict[str, SharedFactors]:
-    """Shared basis + coefficients of every group from the dense weights of ``model``."""
+    """Shared basis + coefficients of every group from the dense weights of ``model`` (one
+    whitened SVD per group: the long step, shown with a progress bar and logged)."""
     if config.whitening:
         check_stats(groups, stats)
     modules = dict(model.named_modules())
     factors = {}
-    for key, group in groups.items():
+    logger.info("basis sharing: factorizing %d groups", len(groups))
+    bar = tqdm(groups.items(), desc="basis sharing: SVD", disable=not show_progress)
+    for key, group in bar:
+        bar.set_postfix_str(key, refresh=False)
         weights = [weight_matrix(_module(modules, m)).detach() for m in group.members]
         whitening = None
         if config.whitening:

@@ -10,6 +10,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +31,7 @@ from ..models import is_linear
 from .config import MaskedLRConfig
 from .layer import Linear, MaskedLRLayer
 
+logger = logging.getLogger(__name__)
 MASK_KEY = "masked_lr_mask"  # adapter-file key suffix of a packed mask
 _PEFT_PREFIX = "base_model.model."
 _SHOWN = 5  # names listed in an error message
@@ -187,7 +189,8 @@ class MaskedLRModel(BaseTuner):
 def prepare_masks(
     model: nn.Module, config: MaskedLRConfig, masks: Mapping[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
-    """``{module name: bool mask}`` for exactly the modules ``config`` targets in ``model``.
+    """``{module name: bool mask}`` for exactly the modules ``config`` targets in ``model``
+    (masks of other modules are left out, with a warning).
 
     Fills ``config.target_modules`` with the masked modules when it is None (and the checks
     pass), so the saved config names what was adapted.
@@ -207,7 +210,7 @@ def prepare_masks(
     try:
         _maybe_include_all_linear_layers(config, model)
         targets = targeted_modules(model, config)
-        _check_coverage(model, by_module, targets)
+        by_module = _select_targeted(model, by_module, targets)
         _check_shapes(by_module, targets)
     except (TypeError, ValueError):
         config.target_modules = original  # a failed check leaves the config as it was
@@ -280,9 +283,13 @@ def _as_bool(name: str, mask: object) -> torch.Tensor:
     return mask.detach().to(device="cpu", dtype=torch.bool)
 
 
-def _check_coverage(
+def _select_targeted(
     model: nn.Module, masks: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]
-) -> None:
+) -> dict[str, torch.Tensor]:
+    """The masks of the targeted modules. Masks of other modules of the model are left out
+    (e.g. golden masks of every block linear with ``target_modules=["q_proj", "v_proj"]``),
+    with a warning naming them; masks the model has no module for, and targeted modules
+    without a mask, are errors."""
     modules = dict(model.named_modules())
     extra = [name for name in masks if name not in targets]
     unknown = [name + ".weight" for name in extra if name not in modules]
@@ -292,11 +299,12 @@ def _check_coverage(
             f"{unknown[:_SHOWN]}; were the masks made for another model?"
         )
     if extra:
-        raise ValueError(
-            f"{len(extra)} mask(s) are for modules target_modules does not select, e.g. "
-            f"{extra[:_SHOWN]}; add them to target_modules (or leave target_modules=None to "
-            "adapt exactly the masked modules) or drop those masks"
-        )
+        logger.warning(
+            "masked_lr: %d of %d masks are for modules target_modules does not select (e.g. "
+            "%s) and are left out; add those modules to target_modules (or leave it None) to "
+            "train them too",
+            len(extra), len(masks), extra[:_SHOWN],
+        )  # fmt: skip
     unmasked = [name for name in targets if name not in masks]
     if unmasked:
         raise ValueError(
@@ -304,6 +312,7 @@ def _check_coverage(
             "each one a mask (all False keeps a layer unchanged when outside_lr_scale is 0) or "
             "narrow target_modules"
         )
+    return {name: mask for name, mask in masks.items() if name in targets}
 
 
 def _check_shapes(masks: Mapping[str, torch.Tensor], targets: Mapping[str, nn.Module]) -> None:

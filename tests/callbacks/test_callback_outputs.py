@@ -96,3 +96,36 @@ def test_basis_sharing_callback_adapter_folders_get_counts_and_card(tmp_path):
     meta = check_card(folder, "BasisSharingCallback", "basis-sharing")
     assert meta["library_name"] == "peft"
     assert read_results(folder)["metrics"]["parameters"]["removed"] > 0
+
+
+def test_every_callback_has_a_docstring_and_its_module_a_lifecycle():
+    import inspect
+
+    import hf_sparse.callbacks as callbacks
+
+    for name in callbacks.__all__:
+        cls = getattr(callbacks, name)
+        assert len(inspect.getdoc(cls) or "") > 60, f"{name} has no real docstring"
+        module_doc = inspect.getmodule(cls).__doc__ or ""
+        assert "Example::" in module_doc and "on_train_begin" in module_doc, name
+
+
+def test_trainer_finds_the_callback_masks_and_its_tokenizer_for_generations(tmp_path):
+    """README: GoldenParamsTrainer + GoldenMaskCallback, then compare_generations_with_mask
+    with no masks given: the callback's masks and the processing_class are used."""
+    from tests.conftest import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer("a b c d e f g h")
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    callback = GoldenMaskCallback(GoldenConfig(top_k_percent=40, num_samples=4, params=["up"]))
+    trainer = GoldenParamsTrainer(
+        model=build_tiny_model("llama"),
+        args=tiny_training_args(tmp_path, max_steps=1),
+        train_dataset=examples(),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert trainer.current_masks() is callback.masks
+    rows = trainer.compare_generations_with_mask(["a b c"], max_new_tokens=3)
+    assert rows[0]["prompt"] == "a b c" and isinstance(rows[0]["masked"], str)
