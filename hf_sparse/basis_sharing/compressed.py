@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ from .remote.modeling_basis_shared import BasisSharedForCausalLM
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = BasisSharedConfig.model_type
-REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_basis_shared.py", "modeling_basis_shared.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_basis_shared.BasisSharedConfig",
@@ -203,9 +201,10 @@ def write_compressed(
     ``generation_config.json`` and the two modeling files. Returns the weight bytes."""
     folder = Path(folder)
     compressed = to_compressed(model, adapter_name)
-    compressed.save_pretrained(folder, safe_serialization=True)
-    for name in REMOTE_FILES:
-        shutil.copyfile(REMOTE_DIR / name, folder / name)
+    compressed.save_pretrained(folder, safe_serialization=True)  # ships REMOTE_FILES too
+    missing = [name for name in REMOTE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise RuntimeError(f"save_pretrained did not copy the modeling files {missing}")
     return compressed_bytes(folder)
 
 

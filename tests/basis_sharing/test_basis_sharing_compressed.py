@@ -306,3 +306,26 @@ def test_recipe_output_compressed_ships_a_model_with_the_adapters_perplexity(tmp
         AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter"
     )
     torch.testing.assert_close(_logits(model, IDS), _logits(adapter, IDS), rtol=1e-5, atol=1e-5)
+
+
+def test_a_loaded_model_trains_and_re_saves_as_a_self_contained_folder(saved, tmp_path):
+    model = load_compressed(saved["llama-tied-g2"]["compressed"])
+    model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    key = next(iter(model.bases))
+    assert model.bases[key].weight.grad is not None
+    layer = model.lm.get_submodule(next(iter(model.config.layers)))
+    assert layer.coefficient.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.coefficient.weight.mul_(1.5)  # a "fine-tuned" model
+    model.eval()
+    model.save_pretrained(tmp_path / "resaved")
+    for file in ("configuration_basis_shared.py", "modeling_basis_shared.py"):
+        assert (tmp_path / "resaved" / file).is_file()
+    config = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_basis_shared.BasisSharedForCausalLM"
+    )
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True)
+    torch.testing.assert_close(_logits(again.eval(), IDS), _logits(model, IDS))

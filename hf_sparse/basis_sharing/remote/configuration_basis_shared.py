@@ -22,6 +22,7 @@ class BasisSharedConfig(PretrainedConfig):
     """
 
     model_type = "basis_shared"
+    _auto_class = "AutoConfig"  # save_pretrained ships this file and writes auto_map
     sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, text_config=None, bases=None, layers=None, **kwargs):

@@ -64,7 +64,14 @@ class BasisSharedPreTrainedModel(PreTrainedModel):
 
 
 class BasisSharedForCausalLM(BasisSharedPreTrainedModel, GenerationMixin):
-    """The original causal LM (``self.lm``) with shared-basis layers; shared bases in ``bases``."""
+    """The original causal LM (``self.lm``) with shared-basis layers; shared bases in ``bases``.
+
+    ``save_pretrained`` copies this file and the configuration file into the folder and writes
+    ``auto_map`` (``_auto_class``), so a re-saved (e.g. fine-tuned) model stays loadable with
+    ``trust_remote_code=True`` alone.
+    """
+
+    _auto_class = "AutoModelForCausalLM"
 
     def __init__(self, config: BasisSharedConfig) -> None:
         super().__init__(config)
