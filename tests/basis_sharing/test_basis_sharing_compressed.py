@@ -329,3 +329,20 @@ def test_a_loaded_model_trains_and_re_saves_as_a_self_contained_folder(saved, tm
     )
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True)
     torch.testing.assert_close(_logits(again.eval(), IDS), _logits(model, IDS))
+
+
+def test_lora_on_the_coefficients_and_the_shared_bases_of_a_loaded_model(saved):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_compressed(saved["llama-tied-g2"]["compressed"])
+    before = _logits(model, IDS)
+    targets = r".*(coefficient|bases\.\w+)$"  # a string: peft matches it as a regex
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    wrapped = [n for n, m in lora.named_modules() if hasattr(m, "lora_A")]
+    assert any(n.endswith("coefficient") for n in wrapped)
+    assert any(".bases." in n for n in wrapped)
+    torch.testing.assert_close(_logits(lora, IDS), before)  # LoRA starts as a no-op
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    assert not torch.allclose(_logits(lora, IDS), before)  # both kinds of LoRA layer are read

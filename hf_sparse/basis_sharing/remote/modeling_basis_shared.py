@@ -47,7 +47,10 @@ class SharedBasisLinear(nn.Module):
         return self._bank[self.key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.coefficient(self.basis(x))
+        z = self.basis(x)
+        if z.device != x.device:  # the basis sits elsewhere under a multi-device map
+            z = z.to(x.device)
+        return self.coefficient(z)
 
     def extra_repr(self) -> str:
         return f"basis={self.key!r}"
