@@ -223,6 +223,9 @@ def _compress_flags() -> list[Flag]:
              {"nargs": "+"}),
         Flag("--blocks", "basis_sharing.blocks", "decoder-block ModuleList path or 're:'",
              "found from the model"),
+        Flag("--output", "output", "what to save: the PEFT adapter, or a standalone "
+             "compressed model that loads without hf_sparse", "adapter",
+             {"choices": ["adapter", "compressed"]}),
         *_calibration_flags(),
         Flag("--eval-windows", "evaluation.num_windows", "perplexity windows", 32,
              {"type": int}),

@@ -6,6 +6,13 @@ before ``PeftModel.from_pretrained`` (otherwise ``KeyError: 'BASIS_SHARING'``).
 """
 
 from ..peft_registry import register_tuner
+from .compressed import (
+    is_compressed_basis_sharing,
+    load_compressed,
+    register_auto_classes,
+    save_compressed,
+    to_compressed,
+)
 from .config import BASIS_SHARING, BasisSharingConfig
 from .core import (
     SharedFactors,
@@ -29,6 +36,7 @@ from .plan import collect_input_stats, make_plan, parameter_counts
 from .update import update_coefficients_
 
 register_tuner(BASIS_SHARING, BasisSharingConfig, BasisSharingModel)
+register_auto_classes()
 
 __all__ = [
     "BASIS_SHARING",
@@ -43,6 +51,8 @@ __all__ = [
     "basis_sharing_recipe_from_dict",
     "collect_input_stats",
     "fill_deferred_factors_",
+    "is_compressed_basis_sharing",
+    "load_compressed",
     "compression_rank",
     "dynamic_rank",
     "energy_rank",
@@ -50,8 +60,11 @@ __all__ = [
     "make_plan",
     "parameter_counts",
     "refit_coefficients",
+    "register_auto_classes",
     "run_basis_sharing_recipe",
+    "save_compressed",
     "shared_basis_svd",
+    "to_compressed",
     "unload_factorized",
     "update_coefficients_",
     "whitened_error",

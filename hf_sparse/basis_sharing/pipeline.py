@@ -9,19 +9,29 @@ Recipe (``recipes/basis-sharing-20.yaml``)::
     output_dir: outputs/smollm2-135m-basis-sharing-20
 
 Command-line flags override the recipe. Every setting is checked (config, output folder, the
-plan against the model's shapes) before calibration starts. The output folder holds the PEFT
-adapter (``adapter_model.safetensors`` + ``adapter_config.json``), ``hf_sparse_results.json``
-and ``recipe.yaml``; load it with ``import hf_sparse.basis_sharing`` then
-``PeftModel.from_pretrained(base, folder)``.
+plan against the model's shapes) before calibration starts. ``output:`` chooses what is saved
+(``OUTPUTS``), beside ``hf_sparse_results.json`` and ``recipe.yaml``:
+
+- ``adapter`` (default): the PEFT adapter (``adapter_model.safetensors`` +
+  ``adapter_config.json``); load it with ``import hf_sparse`` then
+  ``PeftModel.from_pretrained(base, folder)``; it needs its base model.
+- ``compressed``: a standalone model (each basis once, coefficients, untouched weights, the
+  modeling code); ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``
+  loads it without hf_sparse (``compressed.py``). Its perplexity is measured on the saved
+  structure itself.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from peft import PeftModel
+from torch import nn
 
 from ..config_utils import check_keys, from_dict
 from ..recipes import CalibrationConfig, EvaluationConfig, RecipeKind, register_recipe_kind
@@ -30,7 +40,7 @@ from .config import BasisSharingConfig
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_BYTES = 16 * 2**20
-RECIPE_KEYS = ("model", "calibration", "basis_sharing", "evaluation", "output_dir")
+RECIPE_KEYS = ("model", "calibration", "basis_sharing", "evaluation", "output", "output_dir")
 METHOD_KEYS = (
     "ratio",
     "group_size",
@@ -48,6 +58,33 @@ METHOD_KEYS = (
 )
 
 
+@dataclass(frozen=True)
+class Output:
+    """What a recipe saves: ``model(peft_model)`` is what gets evaluated (the saved structure),
+    ``save(peft_model, folder)`` writes it into the (temporary) output folder."""
+
+    model: Callable[[PeftModel], nn.Module]
+    save: Callable[[PeftModel, Path], None]
+
+
+def _save_compressed(peft_model: PeftModel, folder: Path) -> None:
+    from .compressed import write_compressed
+
+    write_compressed(peft_model, folder)
+
+
+def _compressed_model(peft_model: PeftModel) -> nn.Module:
+    from .compressed import to_compressed
+
+    return to_compressed(peft_model)
+
+
+OUTPUTS: dict[str, Output] = {
+    "adapter": Output(lambda m: m, lambda m, folder: m.save_pretrained(folder)),
+    "compressed": Output(_compressed_model, _save_compressed),
+}
+
+
 @dataclass
 class BasisSharingRecipe:
     model: str
@@ -55,6 +92,7 @@ class BasisSharingRecipe:
     calibration: CalibrationConfig
     evaluation: EvaluationConfig | None
     output_dir: str | None
+    output: str = "adapter"
 
     def config(self) -> BasisSharingConfig:
         return BasisSharingConfig(**self.method)
@@ -65,6 +103,7 @@ class BasisSharingRecipe:
             "calibration": asdict(self.calibration),
             "basis_sharing": dict(self.method),
             "evaluation": asdict(self.evaluation) if self.evaluation else None,
+            "output": self.output,
             "output_dir": self.output_dir,
         }
 
@@ -89,7 +128,13 @@ def basis_sharing_recipe_from_dict(
         if evaluation is None
         else from_dict(EvaluationConfig, evaluation, f"{where}.evaluation"),
         output_dir=data.get("output_dir"),
+        output=data.get("output") or "adapter",
     )
+    if recipe.output not in OUTPUTS:
+        raise ValueError(
+            f"{where}.output must be one of {list(OUTPUTS)}, got {recipe.output!r}; "
+            "'compressed' saves a standalone model, 'adapter' the PEFT adapter"
+        )
     recipe.config()  # validates the method settings now
     return recipe
 
@@ -138,23 +183,25 @@ def run_basis_sharing_recipe(
     seconds = time.perf_counter() - start
     counts = peft_model.base_model.parameter_counts()
     metrics["parameters"] = counts
+    output = OUTPUTS[recipe.output]
+    shipped = output.model(peft_model)
     if windows is not None:
-        ppl = perplexity(peft_model, windows, ev.batch_size, show_progress)
-        metrics["compressed"] = ppl.to_dict()
+        metrics["compressed"] = perplexity(shipped, windows, ev.batch_size, show_progress).to_dict()
     record = results_record(
         "basis_sharing",
         config=asdict(config),
         metrics=metrics,
         timings={"compress_seconds": seconds},
         base_model=base_model_id(recipe.model),
+        output=recipe.output,
     )
     with atomic_output_dir(recipe.output_dir, overwrite, expected) as tmp:
-        peft_model.save_pretrained(tmp)
+        output.save(peft_model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_outputs(tmp, record, recipe.to_dict())
-    size = (Path(recipe.output_dir) / "adapter_model.safetensors").stat().st_size
-    return {"recipe": recipe, "metrics": metrics, "adapter_bytes": size}
+    size = sum(p.stat().st_size for p in Path(recipe.output_dir).glob("*.safetensors"))
+    return {"recipe": recipe, "metrics": metrics, "output_bytes": size}
 
 
 def summarize(run: dict[str, Any]) -> str:
@@ -162,8 +209,8 @@ def summarize(run: dict[str, Any]) -> str:
     counts = metrics["parameters"]
     lines = [
         f"compressed {recipe.model}: {counts['dense']:,} -> {counts['compressed']:,} targeted "
-        f"parameters ({counts['removed'] / counts['dense']:.2%} removed), adapter "
-        f"{run['adapter_bytes'] / 2**20:.1f} MiB in {recipe.output_dir}"
+        f"parameters ({counts['removed'] / counts['dense']:.2%} removed), {recipe.output} "
+        f"{run['output_bytes'] / 2**20:.1f} MiB in {recipe.output_dir}"
     ]
     if "compressed" in metrics:
         lines.append(
