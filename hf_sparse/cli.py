@@ -99,6 +99,13 @@ def apply_flags(data: dict[str, Any], args: argparse.Namespace, flags: list[Flag
             _set_path(data, flag.path.format(**names), value)
 
 
+def _blocks_flag(path: str, note: str = "") -> Flag:
+    """``--blocks``: where the decoder blocks are, for models whose blocks are not found."""
+    text = "dotted path or 're:' pattern of the decoder-block ModuleList, e.g. model.layers"
+    return Flag("--blocks", path, f"{text}{'; ' + note if note else ''}",
+                "found from the model's _no_split_modules")  # fmt: skip
+
+
 def _calibration_flags() -> list[Flag]:
     from .recipes import CalibrationConfig as C
 
@@ -126,8 +133,7 @@ def _prune_flags() -> list[Flag]:
              "every decoder-block linear", {"nargs": "+"}),
         Flag("--ignore", "pruning.{method}.ignore", "patterns never pruned",
              default_of(P, "ignore"), {"nargs": "+"}),
-        Flag("--blocks", "pruning.{method}.blocks",
-             "path or 're:' pattern of the decoder-block ModuleList", "found from the model"),
+        _blocks_flag("pruning.{method}.blocks"),
         *_calibration_flags(),
         Flag("--eval-dataset", "evaluation.dataset", "perplexity text", "wikitext2"),
         Flag("--num-windows", "evaluation.num_windows", "perplexity windows", 32, {"type": int}),
@@ -167,6 +173,7 @@ def _mask_flags(job: str) -> list[Flag]:
             Flag("--last-blocks-percent", "mask.{job}.last_blocks_percent",
                  "only the last N%% of decoder blocks", "all blocks", {"type": float})
         )  # fmt: skip
+    flags.append(_blocks_flag("mask.{job}.blocks"))
     D = MaskDataConfig
     flags += [
         Flag("--dataset", "data.dataset", "named set or local file", default_of(D, "dataset")),
@@ -197,6 +204,7 @@ def _analyze_flags() -> list[Flag]:
              default_of(A, "num_samples"), {"type": int}),
         Flag("--dataset", "analysis.dataset", "scoring text (named set or file)",
              default_of(A, "dataset")),
+        _blocks_flag("analysis.blocks"),
     ]  # fmt: skip
 
 
@@ -210,8 +218,7 @@ def _compress_flags() -> list[Flag]:
              kwargs={"nargs": "+"}),
         Flag("--target-roles", "basis_sharing.target_roles", "roles to compress", "all",
              {"nargs": "+"}),
-        Flag("--blocks", "basis_sharing.blocks", "decoder-block ModuleList path or 're:'",
-             "found from the model"),
+        _blocks_flag("basis_sharing.blocks"),
         *_calibration_flags(),
         Flag("--eval-windows", "evaluation.num_windows", "perplexity windows", 32,
              {"type": int}),
@@ -228,6 +235,7 @@ def _decompose_flags() -> list[Flag]:
              {"type": int}),
         Flag("--lr", "train.lr", "SPD learning rate", "the experiment's", {"type": float}),
         Flag("--seed", "train.seed", "SPD seed", "the experiment's", {"type": int}),
+        _blocks_flag("blocks", "language-model recipes only"),
     ]  # fmt: skip
 
 
@@ -419,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("merge", "merge fine-tuned models or adapters per a YAML recipe", cmd_merge)
     p.add_argument("recipe", help="mergekit-like YAML: merge_method, base_model, models, ...")
     p.add_argument("--model", default=None, help="override the recipe's base_model")
-    p.add_argument("--blocks", default=None, help="decoder-block ModuleList path or 're:'")
+    _blocks_flag("parameters.blocks").add_to(p)
     _add_output_flags(p)
 
     p = command("analyze", "critical-weight study: scores, perturbations, report", cmd_analyze)
