@@ -321,6 +321,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     data = _read(args.target) if _is_recipe_file(args.target) else {"experiment": args.target}
+    if args.blocks is not None and "experiment" in data:
+        raise ValueError(
+            f"--blocks applies to language-model recipes (model: ...); the toy experiment "
+            f"{data['experiment']!r} has no decoder blocks: leave --blocks out"
+        )
     apply_flags(data, args, _decompose_flags())
     if args.no_plots:
         data["plots"] = False

@@ -158,6 +158,13 @@ def test_command_runs_with_blocks(ws, command, tmp_path):
     assert "model.layers" in (out / "recipe.yaml").read_text()  # the rerun keeps it
 
 
+def test_decompose_refuses_blocks_for_a_toy_experiment(tmp_path, capsys):
+    argv = ["decompose", "tms_5-2", "--blocks", "model.layers", "--output-dir", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "--blocks applies to language-model recipes" in last_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
 def test_pruned_output_of_blocks_flag_reloads(ws, tmp_path):
     assert run(ws, "prune", tmp_path / "out", "--blocks", "re:^model\\.layers$") == 0
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
