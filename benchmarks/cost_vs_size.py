@@ -2,7 +2,7 @@
 """Cost vs size (issue 16 item 7): time and peak memory of SparseGPT and Wanda as a Llama
 model grows, in hidden size (at a fixed depth) and in depth (at SmolLM2's width 576).
 
-    .venv/bin/python benchmarks/cost_vs_size.py            # ~12 min on a loaded 2-core machine
+    .venv/bin/python benchmarks/cost_vs_size.py            # ~20 min on a 2-core machine at load 10
     .venv/bin/python benchmarks/cost_vs_size.py --quick    # two sizes per axis, a smoke run
 
 Every model is a random ``LlamaConfig`` of SmolLM2-135M's shape family (head_dim 64, 3 KV
@@ -11,14 +11,15 @@ fp32); the largest point of the depth sweep, hidden 576 x 30 layers, is SmolLM2-
 shape (random weights, not the GGUF-dequantized checkpoint). Calibration: random token
 windows (cost does not depend on the token values), 50% unstructured.
 
-Each (size, method) run is its own child process, so peak RSS belongs to that run alone; the
-sizes are run in shuffled order (``--repeats`` passes, median time) with SparseGPT and Wanda
-interleaved, so load on the shared machine drifts over both alike. Measured in the child:
-``prune_`` wall time, and peak RSS during ``prune_`` above the RSS just before it (``VmHWM``
-reset through ``/proc/self/clear_refs``), plus the whole-process peak. The log-log slopes
-of time and of the extra memory against hidden size and against depth are fitted by least
-squares and printed; JSON goes to ``benchmarks/out/cost_vs_size.json`` and the plot to
-``benchmarks/figures/cost_vs_size.png``.
+Time is the CPU time of ``prune_``: one thread per child, so it counts the work done and is
+far less sensitive than wall time to other jobs on a shared machine (wall time is recorded and
+plotted too). Each (size, method) run is its own child process, so peak RSS belongs to that
+run alone. Sizes run in shuffled order (``--repeats`` passes, median), SparseGPT and Wanda
+interleaved, so load on the shared machine drifts over both alike. Memory: the peak RSS during
+``prune_`` above the RSS just before it (``VmHWM`` reset through ``/proc/self/clear_refs``),
+and the whole-process peak. The log-log slopes of time and of the extra memory against hidden
+size and against depth are fitted by least squares and printed; JSON goes to
+``benchmarks/out/cost_vs_size.json`` and the plot to ``benchmarks/figures/cost_vs_size.png``.
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ def child(spec: dict) -> dict:
     method = {"sparsegpt": SparseGPTConfig, "wanda": WandaConfig}[spec["method"]](sparsity=0.5)
     before = _rss_kib("VmRSS")
     _reset_peak_rss()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = prune_(model, method, windows, batch_size=spec["batch_size"], show_progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _rss_kib("VmHWM")
     import resource
 
@@ -108,6 +109,7 @@ def child(spec: dict) -> dict:
         **spec,
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "rss_before_mib": before / 1024,
         "peak_extra_mib": (peak - before) / 1024,
         "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -139,6 +141,7 @@ def medians(runs: list[dict]) -> list[dict]:
             "parameters": group[0]["parameters"],
             "seconds": statistics.median(r["seconds"] for r in group),
             "seconds_all": [r["seconds"] for r in group],
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in group),
             "peak_extra_mib": max(r["peak_extra_mib"] for r in group),
             "process_peak_mib": max(r["process_peak_mib"] for r in group),
         })  # fmt: skip
@@ -167,18 +170,17 @@ def fits(runs: list[dict], widths, depths) -> dict:
             key=lambda r: r["layers"],
         )
         top = w[-3:]  # the largest widths, where fixed per-call overheads matter least
+        hidden, layers = [r["hidden"] for r in w], [r["layers"] for r in d]
         out[method] = {
-            "time_vs_hidden_all": slope([r["hidden"] for r in w], [r["seconds"] for r in w]),
-            "time_vs_hidden_largest3": slope(
-                [r["hidden"] for r in top], [r["seconds"] for r in top]
+            "cpu_time_vs_hidden": slope(hidden, [r["cpu_seconds"] for r in w]),
+            "cpu_time_vs_hidden_largest3": slope(
+                [r["hidden"] for r in top], [r["cpu_seconds"] for r in top]
             ),
-            "extra_memory_vs_hidden": slope(
-                [r["hidden"] for r in w], [max(r["peak_extra_mib"], 0.1) for r in w]
-            ),
-            "time_vs_depth": slope([r["layers"] for r in d], [r["seconds"] for r in d]),
-            "extra_memory_vs_depth": slope(
-                [r["layers"] for r in d], [max(r["peak_extra_mib"], 0.1) for r in d]
-            ),
+            "cpu_time_vs_depth": slope(layers, [r["cpu_seconds"] for r in d]),
+            "wall_time_vs_hidden": slope(hidden, [r["seconds"] for r in w]),
+            "wall_time_vs_depth": slope(layers, [r["seconds"] for r in d]),
+            "extra_memory_vs_hidden": slope(hidden, [max(r["peak_extra_mib"], 0.1) for r in w]),
+            "extra_memory_vs_depth": slope(layers, [max(r["peak_extra_mib"], 0.1) for r in d]),
         }
     return out
 
@@ -195,15 +197,31 @@ def plot(runs: list[dict], fitted: dict, path: Path, note: str) -> None:
         w = sorted((r for r in mine if r["layers"] == DEPTH_FOR_WIDTHS), key=lambda r: r["hidden"])
         d = sorted((r for r in mine if r["hidden"] == SMOLLM2_WIDTH), key=lambda r: r["layers"])
         f = fitted[method]
-        for row, key, label in ((0, "seconds", "prune_ time (s)"),
+        for row, key, label in ((0, "cpu_seconds", "prune_ CPU time (s)"),
                                 (1, "peak_extra_mib", "peak RSS above start (MiB)")):  # fmt: skip
             axes[row][0].loglog([r["hidden"] for r in w], [max(r[key], 0.1) for r in w],
                                 marker=marker, color=color, label=method)  # fmt: skip
             axes[row][1].loglog([r["layers"] for r in d], [max(r[key], 0.1) for r in d],
                                 marker=marker, color=color, label=method)  # fmt: skip
             axes[row][0].set_ylabel(label)
-        axes[0][0].plot([], [], " ", label=f"{method} slope {f['time_vs_hidden_all']:.2f}")
-        axes[0][1].plot([], [], " ", label=f"{method} slope {f['time_vs_depth']:.2f}")
+        axes[0][0].loglog(
+            [r["hidden"] for r in w],
+            [r["seconds"] for r in w],
+            ls="--",
+            color=color,
+            alpha=0.5,
+            label=f"{method} wall (shared machine)",
+        )
+        axes[0][1].loglog(
+            [r["layers"] for r in d],
+            [r["seconds"] for r in d],
+            ls="--",
+            color=color,
+            alpha=0.5,
+            label=f"{method} wall (shared machine)",
+        )
+        axes[0][0].plot([], [], " ", label=f"{method} CPU slope {f['cpu_time_vs_hidden']:.2f}")
+        axes[0][1].plot([], [], " ", label=f"{method} CPU slope {f['cpu_time_vs_depth']:.2f}")
     axes[1][0].set_xlabel(f"hidden size ({DEPTH_FOR_WIDTHS} layers)")
     axes[1][1].set_xlabel(f"layers (hidden {SMOLLM2_WIDTH})")
     for ax in axes.flat:
@@ -224,7 +242,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=128, help="tokens per window")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child")
-    p.add_argument("--repeats", type=int, default=2, help="runs per (size, method); median time")
+    p.add_argument("--repeats", type=int, default=1, help="runs per (size, method); median time")
     p.add_argument("--output", type=Path, default=OUT)
     p.add_argument("--figure", type=Path, default=FIGURE)
     args = p.parse_args()
@@ -247,7 +265,8 @@ def main() -> None:
             run = run_child({**base, "hidden": hidden, "layers": layers, "method": method})
             run["load"] = os.getloadavg()[0]
             record["runs"].append(run)
-            print(f"{method:9s} hidden {hidden:4d} x {layers:2d} layers: {run['seconds']:7.2f} s, "
+            print(f"{method:9s} hidden {hidden:4d} x {layers:2d} layers: "
+                  f"{run['cpu_seconds']:7.2f} s CPU, {run['seconds']:7.2f} s wall, "
                   f"peak +{run['peak_extra_mib']:7.1f} MiB (process {run['process_peak_mib']:.0f}"
                   f" MiB), load {run['load']:.1f}", flush=True)  # fmt: skip
     record["medians"] = medians(record["runs"])
@@ -258,7 +277,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2))
     loads = [r["load"] for r in record["runs"]]
-    note = (f"{args.windows} x {args.length} random tokens, median of {args.repeats}, "
+    note = (f"{args.windows} x {args.length} random tokens, median of {args.repeats} run(s), "
             f"{args.threads} thread(s) per run, shared 2-core machine "
             f"(load {min(loads):.1f}-{max(loads):.1f})")  # fmt: skip
     plot(record["medians"], record["fits"], args.figure, note)

@@ -337,12 +337,13 @@ def _converted_deltas(
     base_model: nn.Module, info: SourceInfo, params: dict[str, nn.Parameter]
 ) -> dict[str, torch.Tensor]:
     """Deltas of a checkpoint in transformers' legacy layout: loaded whole by
-    ``from_pretrained``, which converts it (one model's worth of extra memory)."""
-    fine = type(base_model).from_pretrained(info.path, dtype=torch.float32)
+    ``from_pretrained``, which converts it (one model's worth of extra memory, in the
+    checkpoint's own dtype)."""
+    fine = type(base_model).from_pretrained(info.path, dtype="auto")
     deltas = {}
     for name, param in fine.named_parameters():
         if name in params:
-            delta = param.detach().cpu() - params[name].detach().float().cpu()
+            delta = param.detach().float().cpu() - params[name].detach().float().cpu()
             if delta.any():
                 deltas[name] = delta
     return deltas
