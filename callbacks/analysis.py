@@ -55,7 +55,12 @@ class SensitivityCallback(TrainerCallback):
         was_training = model.training
         try:
             scores = compute_importance(
-                model, self.samples, self.config.metric, self.config.params, show_progress=False
+                model,
+                self.samples,
+                self.config.metric,
+                self.config.params,
+                show_progress=False,
+                blocks=self.config.blocks,
             )
         finally:
             model.train(was_training)

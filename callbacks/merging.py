@@ -83,7 +83,7 @@ class TaskVectorPruneCallback(TrainerCallback):
         self.saved_to: Path | None = None
 
     def _linears(self, model) -> dict:
-        grouped = target_linears(model, self.config.targets)
+        grouped = target_linears(model, self.config.targets, blocks=self.config.blocks)
         reject_expert_views(grouped, "TaskVectorPruneCallback")
         return {name: module for linears in grouped.values() for name, module in linears.items()}
 

@@ -113,8 +113,8 @@ def _discover_blocks(model: nn.Module, modules: dict[str, nn.Module]) -> str:
     classes = _no_split_classes(model)
     lists = _module_lists(modules)
     hint = (
-        f"pass blocks='<dotted path>' (or 're:<regex>') naming the ModuleList of its decoder "
-        f"blocks; ModuleLists in this model: {lists or 'none'}"
+        f"pass blocks='<dotted path>' (or 're:<regex>'; on the command line --blocks) naming "
+        f"the ModuleList of its decoder blocks; ModuleLists in this model: {lists or 'none'}"
     )
     if not classes:
         raise UnsupportedArchitectureError(
@@ -146,8 +146,10 @@ def _resolve_blocks_pattern(modules: dict[str, nn.Module], blocks: str) -> str:
     if blocks.startswith("re:"):
         regex = re.compile(blocks[3:])
         found = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and regex.search(n)]
-    else:
-        found = [blocks] if blocks in modules else []
+    elif blocks in modules:
+        found = [blocks]
+    else:  # the same path under a wrapper (PEFT's ``base_model.model.``)
+        found = [n for n in modules if n.endswith("." + blocks)]
     if not found:
         raise UnsupportedArchitectureError(
             f"blocks={blocks!r} matches no ModuleList; the model has "

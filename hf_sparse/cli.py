@@ -107,6 +107,13 @@ def apply_flags(data: dict[str, Any], args: argparse.Namespace, flags: list[Flag
             _set_path(data, flag.path.format(**names), value)
 
 
+def _blocks_flag(path: str, note: str = "") -> Flag:
+    """``--blocks``: where the decoder blocks are, for models whose blocks are not found."""
+    text = "dotted path or 're:' pattern of the decoder-block ModuleList, e.g. model.layers"
+    return Flag("--blocks", path, f"{text}{'; ' + note if note else ''}",
+                "found from the model's _no_split_modules")  # fmt: skip
+
+
 def _calibration_flags() -> list[Flag]:
     from .recipes import CalibrationConfig as C
 
@@ -134,8 +141,7 @@ def _prune_flags() -> list[Flag]:
              "every decoder-block linear", {"nargs": "+"}),
         Flag("--ignore", "pruning.{method}.ignore", "patterns never pruned",
              default_of(P, "ignore"), {"nargs": "+"}),
-        Flag("--blocks", "pruning.{method}.blocks",
-             "path or 're:' pattern of the decoder-block ModuleList", "found from the model"),
+        _blocks_flag("pruning.{method}.blocks"),
         *_calibration_flags(),
         Flag("--eval-dataset", "evaluation.dataset", "perplexity text", "wikitext2"),
         Flag("--num-windows", "evaluation.num_windows", "perplexity windows", 32, {"type": int}),
@@ -175,6 +181,7 @@ def _mask_flags(job: str) -> list[Flag]:
             Flag("--last-blocks-percent", "mask.{job}.last_blocks_percent",
                  "only the last N%% of decoder blocks", "all blocks", {"type": float})
         )  # fmt: skip
+    flags.append(_blocks_flag("mask.{job}.blocks"))
     D = MaskDataConfig
     flags += [
         Flag("--dataset", "data.dataset", "named set or local file", default_of(D, "dataset")),
@@ -205,6 +212,7 @@ def _analyze_flags() -> list[Flag]:
              default_of(A, "num_samples"), {"type": int}),
         Flag("--dataset", "analysis.dataset", "scoring text (named set or file)",
              default_of(A, "dataset")),
+        _blocks_flag("analysis.blocks"),
     ]  # fmt: skip
 
 
@@ -221,8 +229,7 @@ def _compress_flags() -> list[Flag]:
              "the paper's, those present: " + " ".join(DEFAULT_SHARED_ROLES), {"nargs": "+"}),
         Flag("--target-roles", "basis_sharing.target_roles", "roles to compress", "all",
              {"nargs": "+"}),
-        Flag("--blocks", "basis_sharing.blocks", "decoder-block ModuleList path or 're:'",
-             "found from the model"),
+        _blocks_flag("basis_sharing.blocks"),
         Flag("--output", "output", "what to save: the PEFT adapter, or a standalone "
              "compressed model that loads without hf_sparse", "adapter",
              {"choices": ["adapter", "compressed"]}),
@@ -242,6 +249,7 @@ def _decompose_flags() -> list[Flag]:
              {"type": int}),
         Flag("--lr", "train.lr", "SPD learning rate", "the experiment's", {"type": float}),
         Flag("--seed", "train.seed", "SPD seed", "the experiment's", {"type": int}),
+        _blocks_flag("blocks", "language-model recipes only"),
     ]  # fmt: skip
 
 
@@ -327,6 +335,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_decompose(args: argparse.Namespace) -> int:
     data = _read(args.target) if _is_recipe_file(args.target) else {"experiment": args.target}
+    if args.blocks is not None and "experiment" in data:
+        raise ValueError(
+            f"--blocks applies to language-model recipes (model: ...); the toy experiment "
+            f"{data['experiment']!r} has no decoder blocks: leave --blocks out"
+        )
     apply_flags(data, args, _decompose_flags())
     if args.no_plots:
         data["plots"] = False
@@ -446,11 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="mergekit-like YAML: merge_method, base_model, models, ...")
     p.add_argument("--model", default=None,
                    help="override the recipe's base_model (default: the recipe's)")  # fmt: skip
-    p.add_argument(
-        "--blocks",
-        default=None,
-        help="decoder-block ModuleList path or 're:' (default: found from the model)",
-    )
+    _blocks_flag("parameters.blocks").add_to(p)
     _add_output_flags(p)
 
     p = command("analyze", "critical-weight study: scores, perturbations, report", cmd_analyze)

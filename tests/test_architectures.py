@@ -2,15 +2,18 @@
 
 Decoder blocks, linear roles, fused projections and stacked MoE experts are found from the
 model itself (no ``blocks=``). Each family runs SparseGPT and Wanda (unstructured and 2:4),
-importance scoring, golden masks + MASKED_LR and Basis Sharing, and every output reloads with
-``from_pretrained`` / ``PeftModel.from_pretrained`` with equal logits. Each method is one small
-``*_step`` helper, so a new method or a renamed API changes one place.
+importance scoring, golden masks + MASKED_LR, Basis Sharing, and two-source TIES and
+SparseGPT-TV merges of fine-tune stand-ins (base + small seeded deltas, saved as folders), and
+every output reloads with ``from_pretrained`` / ``PeftModel.from_pretrained`` with equal
+logits. Each method is one small ``*_step`` helper, so a new method or a renamed API changes
+one place.
 
 Kept fast: 2 layers, hidden 32, vocab 128, windows of 16 tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -35,6 +38,8 @@ from hf_sparse.calibration import run_sequential
 from hf_sparse.cli import main
 from hf_sparse.importance import compute_importance, default_parameters
 from hf_sparse.masked_lr import GoldenConfig, MaskedLRConfig, get_masked_lr_model, golden_masks
+from hf_sparse.merging import MergeConfig, merge_
+from hf_sparse.merging.sparse_delta import save_sparse_delta_adapter
 from hf_sparse.models import (
     ExpertLinear,
     UnsupportedArchitectureError,
@@ -46,11 +51,13 @@ from hf_sparse.models import (
     weight_matrix,
 )
 from hf_sparse.moe import is_router
+from hf_sparse.outputs import results_record
 from hf_sparse.pruning import SparseGPTConfig, WandaConfig, prune_
 
 WINDOWS = make_token_windows(n=4, length=16, seed=0)  # calibration
 IDS = make_token_windows(n=2, length=16, seed=1)  # logits comparisons
 PRUNERS = {"sparsegpt": SparseGPTConfig, "wanda": WandaConfig}
+MERGE_DENSITY = 0.3
 # Sliding windows for the families of ARCHS (whose shared tiny configs have none).
 SLIDING_OVERRIDES = {
     "mistral": {"sliding_window": SLIDING_WINDOW},
@@ -126,6 +133,29 @@ def masked_lr_step(model: nn.Module, masks) -> PeftModel:
 def basis_sharing_step(model: nn.Module) -> PeftModel:
     config = BasisSharingConfig(ratio=0.2, group_size=2)
     return get_basis_sharing_model(model, config, calibration=WINDOWS, batch_size=2)
+
+
+def fine_tune_folders(arch: str, folder, count: int = 2) -> list[str]:
+    """Fine-tune stand-ins saved as folders: the base plus small seeded deltas on every matrix
+    of the decoder blocks (stacked MoE experts and routers included)."""
+    base = build_tiny_model(arch)
+    prefixes = tuple(f"{name}." for name, _ in find_decoder_blocks(base))
+    paths = []
+    for index in range(count):
+        tuned = copy.deepcopy(base)
+        generator = torch.Generator().manual_seed(100 + index)
+        with torch.no_grad():
+            for name, param in tuned.named_parameters():
+                if name.startswith(prefixes) and param.ndim >= 2:
+                    param.add_(0.02 * torch.randn(param.shape, generator=generator))
+        tuned.save_pretrained(folder / f"ft{index}")
+        paths.append(str(folder / f"ft{index}"))
+    return paths
+
+
+def merge_step(model: nn.Module, method: str, sources: list[str]):
+    config = MergeConfig(method, density=MERGE_DENSITY)
+    return merge_(model, config, sources, calibration=WINDOWS, batch_size=2, show_progress=False)
 
 
 def reload_full(model: nn.Module, folder) -> nn.Module:
@@ -342,6 +372,72 @@ def test_basis_sharing_and_reload(arch, tmp_path, caplog):
     expected = logits(compressed)
     reloaded = reload_adapter(compressed, arch, tmp_path)
     torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+
+
+# Merging: two fine-tune stand-ins, TIES and SparseGPT-TV.
+
+
+def _top_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    k = round(delta.numel() * density)
+    return delta.abs() >= delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_ties_merge_and_reload(arch, tmp_path):
+    sources = fine_tune_folders(arch, tmp_path)
+    tuned = [AutoModelForCausalLM.from_pretrained(s).state_dict() for s in sources]
+    model = build_tiny_model(arch)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = merge_step(model, "ties", sources)
+    changed = {n for n in base if not torch.equal(tuned[0][n], base[n])}
+    assert set(result.deltas) == changed and stacked_names(model) <= changed
+    merged = dict(model.named_parameters())
+    for name, delta in result.deltas.items():
+        taus = [t[name] - base[name] for t in tuned]
+        # TIES keeps only entries in some task's top 30% by magnitude, with the elected sign.
+        kept = _top_magnitude(taus[0], MERGE_DENSITY) | _top_magnitude(taus[1], MERGE_DENSITY)
+        assert not delta[~kept].any(), name
+        sign = torch.sign(sum(tau * _top_magnitude(tau, MERGE_DENSITY) for tau in taus))
+        assert (torch.sign(delta[delta != 0]) == sign[delta != 0]).all(), name
+        torch.testing.assert_close(merged[name], base[name] + delta, rtol=0, atol=1e-6)
+    assert MERGE_DENSITY < result.density <= 2 * MERGE_DENSITY
+    reloaded = reload_full(model, tmp_path / "merged")
+    assert reloaded.config.merging["method"] == "ties"
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_sparsegpt_tv_merge_and_reload(arch, tmp_path, caplog):
+    sources = fine_tune_folders(arch, tmp_path)
+    model = build_tiny_model(arch)
+    before = logits(model)
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.merging.apply"):
+        result = merge_step(model, "sparsegpt_tv", sources)
+    dense = {n for n, m in linears_of(model).items() if not isinstance(m, ExpertLinear)}
+    # Every dense target linear went through the OBS solver, once per task, and lost less than
+    # its whole output change; stacked experts are merged by magnitude, and it says so.
+    assert set(result.layer_errors) == dense
+    for name, errors in result.layer_errors.items():
+        assert len(errors) == 2 and all(0 <= e < 1 for e in errors), (name, errors)
+    assert ("not solved by OBS" in caplog.text) == (arch in MOE_ARCHS)
+    for name in dense:
+        delta = result.deltas[f"{name}.weight"]
+        assert delta.count_nonzero() <= 2 * MERGE_DENSITY * delta.numel(), name
+    expected = logits(model)
+    assert not torch.allclose(expected, before)
+    reloaded = reload_full(model, tmp_path / "merged")
+    assert reloaded.config.merging["method"] == "sparsegpt_tv"
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+    # The merged task vector as a sparse-delta adapter of the base (merge recipes' output:
+    # adapter): linear weights only, so MoE models (stacked experts, routers) need output: full.
+    record = results_record("merging", config={"method": "sparsegpt_tv"})
+    if arch in MOE_ARCHS:
+        with pytest.raises(ValueError, match="linear weights only.*save a full model instead"):
+            save_sparse_delta_adapter(build_tiny_model(arch), result.deltas, tmp_path / "a", record)
+        return
+    save_sparse_delta_adapter(build_tiny_model(arch), result.deltas, tmp_path / "adapter", record)
+    adapter = PeftModel.from_pretrained(build_tiny_model(arch), tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(adapter), expected, rtol=0, atol=1e-5)
 
 
 # The command line: `hf-sparse prune` needs no --blocks for any family of the table.

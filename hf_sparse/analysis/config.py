@@ -47,6 +47,11 @@ class AnalysisConfig:
         "Parameters to score (roles, class names, suffixes, 're:'); None = decoder-block linears.",
         None,
     )
+    blocks: str | None = help_field(
+        "Dotted path or 're:' pattern of the decoder-block ModuleList; None = found from the "
+        "model's `_no_split_modules`.",
+        None,
+    )
     dataset: str = help_field("Text the scores are computed on (calibration split).", "wikitext2")
     num_samples: int = help_field("Scoring samples (windows).", 16)
     sequence_length: int = help_field("Tokens per scoring window.", 256)
@@ -145,6 +150,11 @@ class SensitivityConfig:
     num_samples: int = help_field("First training samples every snapshot scores.", 8)
     params: list[str] | None = help_field(
         "Parameter patterns to score; None = decoder-block linear weights.", None
+    )
+    blocks: str | None = help_field(
+        "Dotted path or 're:' pattern of the decoder-block ModuleList; None = found from the "
+        "model's `_no_split_modules`.",
+        None,
     )
     spearman_entries: int = help_field(
         "Score entries kept (seeded subsample) for the Spearman correlation.", 1_000_000

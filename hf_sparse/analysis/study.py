@@ -141,7 +141,7 @@ def _single_weights(model, scores, probe, windows, config, dense) -> dict[str, A
 def _score(model, windows, config: AnalysisConfig, seed: int, show_progress: bool):
     options = {"seed": seed} if config.metric == "hutchinson" else {}
     return compute_importance(
-        model, windows, config.metric, config.params, show_progress, **options
+        model, windows, config.metric, config.params, show_progress, config.blocks, **options
     )
 
 
@@ -228,7 +228,7 @@ def run_study(
     """
     check_output_dir(output_dir, overwrite)
     start = time.perf_counter()
-    selected = select_parameters(model, config.params)
+    selected = select_parameters(model, config.params, config.blocks)
     total = sum(p.numel() for p in selected.values())
     count = resolve_count(config.top_k, total, "top_k")
     for k in config.progressive_k:

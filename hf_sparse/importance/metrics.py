@@ -320,6 +320,7 @@ def compute_importance(
     metric: str = "gradient",
     params: list[str] | str | None = None,
     show_progress: bool = True,
+    blocks: str | None = None,
     **options: Any,
 ) -> Scores:
     """Per-parameter float32 scores of ``metric`` on ``batches`` (see the module docstring).
@@ -327,12 +328,14 @@ def compute_importance(
     ``batches``: a ``[n, L]`` token tensor (labels = inputs) or an iterable of dicts with
     ``input_ids`` and optional ``labels`` (-100 = no loss) / ``attention_mask``. ``params``:
     see ``select_parameters`` (default: the weights of every decoder-block linear).
+    ``blocks``: the dotted path or ``re:`` pattern of the decoder-block ModuleList (None =
+    found from the model's ``_no_split_modules``).
     """
     check_metric_options(metric, options)
     fn = IMPORTANCE_METRICS[metric]
     samples = as_samples(batches) if metric != "magnitude" or batches is not None else []
     check_samples(samples, model)
-    selected = select_parameters(model, params)
+    selected = select_parameters(model, params, blocks)
     logger.info("scoring %d tensors with %s on %d samples", len(selected), metric, len(samples))
     scores = fn(model, samples, selected, show_progress, **options)
     return {n: s.detach().float() for n, s in scores.items()}

@@ -19,11 +19,12 @@ from ..models import (
 )
 
 
-def default_parameters(model: nn.Module) -> list[str]:
+def default_parameters(model: nn.Module, blocks: str | None = None) -> list[str]:
     """Weights of every linear layer inside the decoder blocks (what every metric can score):
-    stacked MoE expert weights included (``...experts.down_proj``), routers never."""
+    stacked MoE expert weights included (``...experts.down_proj``), routers never. ``blocks``:
+    the dotted path (or ``re:`` pattern) of the decoder-block ModuleList, None = found."""
     names: dict[str, None] = {}
-    for block_name, block in find_decoder_blocks(model):
+    for block_name, block in find_decoder_blocks(model, blocks):
         for name, module in block_linears(block_name, block):
             if isinstance(module, ExpertLinear):
                 names[name.rpartition(".")[0]] = None  # the stacked parameter, once
@@ -44,17 +45,22 @@ def _matches(name: str, owner_name: str, owner: nn.Module | None, pattern: str) 
     return is_linear(owner) and matches_pattern(owner_name, owner, pattern)
 
 
-def select_parameters(model: nn.Module, params: list[str] | str | None) -> dict[str, nn.Parameter]:
+def select_parameters(
+    model: nn.Module, params: list[str] | str | None, blocks: str | None = None
+) -> dict[str, nn.Parameter]:
     """``{name: parameter}`` chosen by ``params``.
 
     ``None``: the weights of all decoder-block linears. Otherwise each pattern is a parameter
     name (or its suffix, e.g. ``embed_tokens.weight``), ``re:<regex>`` on parameter names, or a
     linear-layer pattern (role ``q``/``down``/..., class name, module-name suffix) selecting
-    that layer's weight. A pattern that matches nothing is an error.
+    that layer's weight. A pattern that matches nothing is an error. ``blocks``: where the
+    decoder blocks are (dotted path or ``re:``), checked even when ``params`` is given.
     """
     named = dict(model.named_parameters())
     if params is None:
-        return {n: named[n] for n in default_parameters(model)}
+        return {n: named[n] for n in default_parameters(model, blocks)}
+    if blocks is not None:
+        find_decoder_blocks(model, blocks)  # a wrong path fails here, before any work
     if isinstance(params, str):
         params = [params]
     modules = dict(model.named_modules())

@@ -132,6 +132,11 @@ class ScoreConfig:
         "Parameter patterns to score (roles, names, 're:'); None = decoder-block linear weights.",
         None,
     )
+    blocks: str | None = help_field(
+        "Dotted path or 're:' pattern of the decoder-block ModuleList; None = found from the "
+        "model's `_no_split_modules`.",
+        None,
+    )
     metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
 
     def __post_init__(self) -> None:
@@ -152,6 +157,11 @@ class GoldenConfig:
     scope: str = help_field("Ranking scope of each top-k: tensor, global, row or head.", "tensor")
     params: list[str] | None = help_field(
         "Parameter patterns to score; None = decoder-block linear weights.", None
+    )
+    blocks: str | None = help_field(
+        "Dotted path or 're:' pattern of the decoder-block ModuleList; None = found from the "
+        "model's `_no_split_modules`.",
+        None,
     )
     last_blocks_percent: float | None = help_field(
         "Only parameters in the last N% of decoder blocks; None = all blocks.", None
@@ -191,6 +201,11 @@ class ReverseGoldenConfig:
     expansion: float = help_field("Proposals lie in [target, expansion * target] percent.", 4.0)
     params: list[str] | None = help_field(
         "Parameter patterns to score; None = decoder-block linear weights.", None
+    )
+    blocks: str | None = help_field(
+        "Dotted path or 're:' pattern of the decoder-block ModuleList; None = found from the "
+        "model's `_no_split_modules`.",
+        None,
     )
     last_blocks_percent: float | None = help_field(
         "Only parameters in the last N% of decoder blocks; None = all blocks.", None

@@ -34,13 +34,17 @@ class GoldenResult:
 
 
 def restrict_to_last_blocks(
-    model: nn.Module, names: list[str], last_blocks_percent: float | None
+    model: nn.Module,
+    names: list[str],
+    last_blocks_percent: float | None,
+    blocks_path: str | None = None,
 ) -> list[str]:
-    """Only the names inside the last ``last_blocks_percent`` % of decoder blocks."""
+    """Only the names inside the last ``last_blocks_percent`` % of decoder blocks
+    (``blocks_path``: where they are, None = found from the model)."""
     if last_blocks_percent is None:
         return names
     check_percent(last_blocks_percent, "last_blocks_percent")
-    blocks = find_decoder_blocks(model)
+    blocks = find_decoder_blocks(model, blocks_path)
     keep = max(1, round(len(blocks) * last_blocks_percent / 100))
     prefixes = tuple(f"{name}." for name, _ in blocks[-keep:])
     chosen = [n for n in names if n.startswith(prefixes)]
@@ -52,9 +56,11 @@ def restrict_to_last_blocks(
     return chosen
 
 
-def prepare_selection(model, params, last_blocks_percent) -> dict[str, nn.Parameter]:
-    selected = select_parameters(model, params)
-    names = restrict_to_last_blocks(model, list(selected), last_blocks_percent)
+def prepare_selection(
+    model, params, last_blocks_percent, blocks: str | None = None
+) -> dict[str, nn.Parameter]:
+    selected = select_parameters(model, params, blocks)
+    names = restrict_to_last_blocks(model, list(selected), last_blocks_percent, blocks)
     return {n: selected[n] for n in names}
 
 
@@ -85,7 +91,7 @@ def golden_masks(
             len(samples),
             config.num_samples,
         )
-    selected = prepare_selection(model, config.params, config.last_blocks_percent)
+    selected = prepare_selection(model, config.params, config.last_blocks_percent, config.blocks)
     layout = parameter_layouts(model)
     fn = IMPORTANCE_METRICS[config.metric]
     running: ParameterMasks | None = None

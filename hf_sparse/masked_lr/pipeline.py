@@ -68,7 +68,13 @@ class MaskJobOutcome:
 def _score(model, tokenizer, config: ScoreConfig, samples, held_out, prompt_fn, progress):
     batches = apply_prompt_fn(samples, prompt_fn)
     scores = compute_importance(
-        model, batches, config.metric, config.params, progress, **config.metric_options
+        model,
+        batches,
+        config.metric,
+        config.params,
+        progress,
+        blocks=config.blocks,
+        **config.metric_options,
     )
     return MaskJobOutcome(
         top_k(scores, config.top_k_percent, config.scope, parameter_layouts(model)), {}
@@ -164,7 +170,7 @@ def check_mask_job(model: nn.Module, job: MaskJobConfig, data: MaskDataConfig) -
     model's positions, every ``params`` pattern matching a parameter. Returns the number of
     selected entries (what the packed masks hold, one bit each)."""
     check_sequence_length(model, data.max_length, "data.max_length")
-    selected = select_parameters(model, job.params)
+    selected = select_parameters(model, job.params, job.blocks)
     return sum(p.numel() for p in selected.values())
 
 

@@ -171,7 +171,7 @@ def reverse_golden_masks(
     held_out = apply_prompt_fn(eval_dataset, prompt_fn, limit=eval_samples)
     check_samples(samples, model, "dataset")
     check_samples(held_out, model, "eval_dataset")
-    selected = prepare_selection(model, config.params, config.last_blocks_percent)
+    selected = prepare_selection(model, config.params, config.last_blocks_percent, config.blocks)
     fn = IMPORTANCE_METRICS[config.metric]
     metric_options, scope = config.metric_options, config.scope
     target_percent, patience = config.target_percent, config.patience

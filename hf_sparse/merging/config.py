@@ -165,6 +165,11 @@ class TaskVectorPruneConfig:
     targets: list[str] | None = help_field(
         "Decoder-block linears (roles, class names, suffixes, 're:'); None = all.", None
     )
+    blocks: str | None = help_field(
+        "Dotted path or 're:' pattern of the decoder-block ModuleList; None = found from the "
+        "model's `_no_split_modules`.",
+        None,
+    )
     block_size: int = help_field("sparsegpt_tv: columns solved together.", 128)
     dampening: float = help_field("sparsegpt_tv: fraction of mean(diag H) added.", 0.01)
     rescale: bool = help_field(

@@ -60,6 +60,9 @@ class SourceInfo:
     config: dict  # config.json (full) or adapter_config.json (adapters)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor name -> shape
     files: dict[str, Path] = field(default_factory=dict)  # tensor name -> safetensors file
+    # Full checkpoints that transformers writes in a legacy layout and converts on load
+    # (per-expert MoE weights, GPT-NeoX's embed_out): read through from_pretrained.
+    converted: bool = False
 
     @property
     def name(self) -> str:
@@ -163,9 +166,25 @@ def _check_architecture(base_model: nn.Module, info: SourceInfo) -> None:
         )
 
 
+def _saved_layout(base_model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the base's tensors as ``save_pretrained`` writes them: transformers
+    converts some families back to their legacy checkpoint layout on save (MoE experts one
+    tensor each, GPT-NeoX's ``embed_out``) and forward again on load."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = revert_weight_conversion(base_model, dict(base_model.state_dict()))
+    return {n: tuple(t.shape) for n, t in state.items()}
+
+
 def _full_checkpoint_names(base_model: nn.Module, info: SourceInfo) -> None:
     base_shapes = {n: tuple(t.shape) for n, t in base_model.state_dict().items()}
     unknown = sorted(set(info.shapes) - set(base_shapes))
+    if unknown and hasattr(base_model, "config"):
+        saved = _saved_layout(base_model)
+        if not set(info.shapes) - set(saved):
+            info.converted = True
+            base_shapes = saved
+            unknown = []
     if unknown:
         raise ValueError(
             f"{info.name} has {len(unknown)} tensor(s) the base model lacks, e.g. {unknown[:3]}; "
@@ -296,6 +315,8 @@ def load_task_vector(base_model: nn.Module, info: SourceInfo) -> dict[str, torch
     """``{parameter name: delta}`` (float32, the base's stored layout) of the tensors that
     differ from the base. Call ``check_sources`` first."""
     params = dict(base_model.named_parameters())
+    if info.kind == "full" and info.converted:
+        return _converted_deltas(base_model, info, params)
     if info.kind == "full":
         deltas = {}
         for name in info.shapes:
@@ -310,6 +331,22 @@ def load_task_vector(base_model: nn.Module, info: SourceInfo) -> dict[str, torch
         if info.kind == "lora"
         else _masked_lr_deltas(base_model, info)
     )
+
+
+def _converted_deltas(
+    base_model: nn.Module, info: SourceInfo, params: dict[str, nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """Deltas of a checkpoint in transformers' legacy layout: loaded whole by
+    ``from_pretrained``, which converts it (one model's worth of extra memory, in the
+    checkpoint's own dtype)."""
+    fine = type(base_model).from_pretrained(info.path, dtype="auto")
+    deltas = {}
+    for name, param in fine.named_parameters():
+        if name in params:
+            delta = param.detach().float().cpu() - params[name].detach().float().cpu()
+            if delta.any():
+                deltas[name] = delta
+    return deltas
 
 
 def _lora_deltas(base_model: nn.Module, info: SourceInfo) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from torch import nn
 from ..config_utils import check_positive_ints, help_field
 from ..data import check_data_source
 from ..io import atomic_output_dir, check_output_dir
-from ..models import weight_matrix
+from ..models import find_decoder_blocks, weight_matrix
 from .config import SPDConfig, SPDLossConfig
 from .core import kl_loss
 from .experiments import SPDTrainConfig
@@ -71,6 +71,9 @@ class LMExperiment:
     data: LMDataConfig = field(default_factory=LMDataConfig)
     cluster_min_similarity: float = 0.3
     name: str = "smollm2"
+    # Dotted path or 're:' pattern of the decoder-block ModuleList; None = found from the
+    # model's `_no_split_modules`.
+    blocks: str | None = None
 
     def __post_init__(self) -> None:
         if self.loss.output_loss != "kl":
@@ -97,13 +100,17 @@ def _inputs(windows: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def lm_metrics(
-    model: nn.Module, windows: torch.Tensor, config: SPDLossConfig, min_similarity: float = 0.3
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: SPDLossConfig,
+    min_similarity: float = 0.3,
+    blocks: str | None = None,
 ) -> dict[str, Any]:
     """KL of the decomposed model to the target in several modes, and component activity."""
     threshold = config.ci_alive_threshold
     layers = spd_layers(model)
     inputs = _inputs(windows)
-    target = target_pass(model, inputs)
+    target = target_pass(model, inputs, blocks=blocks)
     ci, _ = layer_importances(layers, target.layer_inputs)
     modes = {
         "ci_masked": {n: SPDRuntime("masked", mask=ci[n], use_delta=False) for n in layers},
@@ -203,6 +210,8 @@ def run_lm_decomposition(
     data = experiment.data
     check_sequence_length(base, data.length, "data.length")
     check_targets(base, config)  # target_modules that match nothing fail before the data
+    if experiment.blocks is not None:
+        find_decoder_blocks(base, experiment.blocks)  # a wrong path fails before the data
     if output_dir is not None:
         check_output_dir(output_dir, overwrite, _adapter_bytes(base, config), [experiment.model])
     windows = calibration_windows(tokenizer, data.source, data.count, data.length, data.seed)
@@ -215,13 +224,19 @@ def run_lm_decomposition(
             experiment.train, scratch, per_device_train_batch_size=experiment.train.batch_size
         )
         trainer = SPDTrainer(
-            model=model, args=args, train_dataset=_Windows(windows), spd_loss=experiment.loss
+            model=model,
+            args=args,
+            train_dataset=_Windows(windows),
+            spd_loss=experiment.loss,
+            blocks=experiment.blocks,
         )
         start = time.perf_counter()
         trainer.train()
         spd_s = time.perf_counter() - start
     model.eval()
-    metrics = lm_metrics(model, held_out, experiment.loss, experiment.cluster_min_similarity)
+    metrics = lm_metrics(
+        model, held_out, experiment.loss, experiment.cluster_min_similarity, experiment.blocks
+    )
     results: dict[str, Any] = {
         "experiment": experiment.name,
         "model": experiment.model,

@@ -70,13 +70,16 @@ class PrefixReplay:
                 block.__dict__.pop("forward", None)
 
 
-def prefix_replay(model: nn.Module) -> PrefixReplay | None:
+def prefix_replay(model: nn.Module, blocks_path: str | None = None) -> PrefixReplay | None:
     """A replay of the blocks before the first decomposed layer, or None (toy models, an
-    unknown architecture, or a decomposed layer in the first block / outside the blocks)."""
+    unknown architecture, or a decomposed layer in the first block / outside the blocks).
+    ``blocks_path``: where the decoder blocks are; given, a wrong path is an error."""
     try:
-        blocks = find_decoder_blocks(model)
+        blocks = find_decoder_blocks(model, blocks_path)
     except UnsupportedArchitectureError:
-        return None
+        if blocks_path is not None:
+            raise
+        return None  # only a shortcut: every pass then runs the whole model
     first = len(blocks)
     for name, module in model.named_modules():
         if not isinstance(module, SPDLayer):
@@ -101,13 +104,17 @@ class TargetPass:
 
 
 def target_pass(
-    model: nn.Module, inputs: Mapping[str, torch.Tensor], reuse_prefix: bool = True
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    reuse_prefix: bool = True,
+    blocks: str | None = None,
 ) -> TargetPass:
     """Run the frozen target, keeping each decomposed layer's input (and, for LMs, what the
-    undecomposed first blocks return, so later passes can skip them)."""
+    undecomposed first blocks return, so later passes can skip them; ``blocks``: the dotted
+    path or ``re:`` pattern of the decoder-block ModuleList, None = found from the model)."""
     layers = spd_layers(model)
     runtimes = {name: SPDRuntime(mode="target", capture=True) for name in layers}
-    prefix = prefix_replay(model) if reuse_prefix else None
+    prefix = prefix_replay(model, blocks) if reuse_prefix else None
     capture = prefix.capture() if prefix is not None else contextlib.nullcontext()
     with torch.no_grad(), spd_runtime(model, runtimes), capture:
         output = model_output(model, inputs)
@@ -152,6 +159,7 @@ def spd_loss(
     config: SPDLossConfig,
     importance_coeff: float | None = None,
     generator: torch.Generator | None = None,
+    blocks: str | None = None,
 ) -> SPDLossResult:
     """The SPD loss of ``model`` (a decomposed model) on one batch.
 
@@ -163,7 +171,7 @@ def spd_loss(
     if not layers:
         raise ValueError("the model has no SPD layers; wrap it with get_spd_model first")
     names = list(layers)
-    target = target_pass(model, inputs)
+    target = target_pass(model, inputs, blocks=blocks)
     ci_lower, ci_upper = layer_importances(layers, target.layer_inputs)
     attention = inputs.get("attention_mask") if config.output_loss == "kl" else None
 

@@ -38,7 +38,17 @@ from .toy_models import ToyTrainingConfig, build_toy_model
 TOY_KEYS = (
     "experiment", "toy", "target_training", "spd", "loss", "train", "plots", "output_dir",
 )  # fmt: skip
-LM_KEYS = ("model", "name", "spd", "loss", "train", "data", "cluster_min_similarity", "output_dir")
+LM_KEYS = (
+    "model",
+    "name",
+    "spd",
+    "loss",
+    "train",
+    "data",
+    "cluster_min_similarity",
+    "blocks",
+    "output_dir",
+)
 SPD_KEYS = (
     "C",
     "target_modules",
@@ -145,7 +155,17 @@ def lm_experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> LMEx
         cluster_min_similarity=float(
             data.get("cluster_min_similarity", default.cluster_min_similarity)
         ),
+        blocks=_blocks_value(data.get("blocks"), where),
     )
+
+
+def _blocks_value(value: Any, where: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(
+            f"{where}.blocks must be the dotted path (or 're:' pattern) of the decoder-block "
+            f"ModuleList, e.g. model.layers, got {value!r}"
+        )
+    return value
 
 
 def experiment_from_dict(data: dict[str, Any], where: str = "recipe") -> Experiment:

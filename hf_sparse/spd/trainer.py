@@ -37,9 +37,19 @@ class SPDTrainer(Trainer):
                    spd_loss=SPDLossConfig(importance_minimality_coeff=3e-3)).train()
     """
 
-    def __init__(self, *args, spd_loss: SPDLossConfig | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        spd_loss: SPDLossConfig | None = None,
+        blocks: str | None = None,
+        **kwargs,
+    ) -> None:
+        """``blocks``: dotted path or ``re:`` pattern of a language model's decoder-block
+        ModuleList (None = found from the model; only used to skip the undecomposed first
+        blocks on repeated passes)."""
         super().__init__(*args, **kwargs)
         self.spd_loss_config = spd_loss or SPDLossConfig()
+        self.spd_blocks = blocks
         self._spd_sums: dict[str, float] = defaultdict(float)
         self._spd_count = 0
         self.spd_warmup_loss: float | None = None
@@ -69,7 +79,9 @@ class SPDTrainer(Trainer):
     ):
         inputs = {key: value for key, value in inputs.items() if key != "labels"}
         coeff = self.spd_loss_config.importance_coeff(self.state.global_step, self.state.max_steps)
-        result = spd_loss(model, inputs, self.spd_loss_config, importance_coeff=coeff)
+        result = spd_loss(
+            model, inputs, self.spd_loss_config, importance_coeff=coeff, blocks=self.spd_blocks
+        )
         if model.training:
             for key, value in result.terms.items():
                 self._spd_sums[key] += value
