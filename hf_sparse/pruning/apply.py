@@ -114,7 +114,9 @@ def _block_pruner(
 ) -> Callable[[], None]:
     """Install statistics hooks on a block's targets; return the function that prunes them."""
     use_obs = isinstance(config, SparseGPTConfig)
-    collector = StatsCollector(linears, need_xtx=use_obs, need_sq_norms=not use_obs).__enter__()
+    collector = StatsCollector(
+        linears, use_obs, not use_obs, config.dtype, config.reduction == "ordered"
+    ).__enter__()
     means = _InputSums(linears) if config.refine == "dsnot" else None
 
     def finish() -> None:
@@ -223,7 +225,7 @@ def _obs_prune_shared(
             for n, w in zip(names, weights, strict=True)
         ]
         pruned, keep = obs_prune(
-            torch.cat([w.detach().float() for w in weights]),
+            torch.cat([w.detach().to(config.dtype) for w in weights]),
             hessian,
             config.sparsity,
             config.pattern,
@@ -231,6 +233,7 @@ def _obs_prune_shared(
             damp=config.dampening,
             row_groups=row_groups,
             exact_total=plan is not None,
+            dtype=config.dtype,
         )
         first = 0
         for name, (rows, _) in zip(names, row_groups, strict=True):

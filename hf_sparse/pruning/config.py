@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from ..config_utils import from_dict, help_field
 from .core import NMPattern, check_sparsity, parse_mask_structure
 
 SPARSITY_PROFILES = ("uniform", "owl")
 WANDA_SCORES = ("wanda", "ria")
+COMPUTE_DTYPES = ("float32", "float64")
+REDUCTIONS = ("ordered", "sum")
 
 
 @dataclass
@@ -76,6 +80,20 @@ class PruningConfig:
         "none",
     )
     refine_iterations: int = help_field("DSnoT: swap rounds per output row (the paper: 50).", 50)
+    compute_dtype: str = help_field(
+        f"Precision of the activation statistics and of the solves: {list(COMPUTE_DTYPES)}. "
+        "Weights are written back in the model's own dtype (bf16, fp16, fp32).",
+        "float32",
+    )
+    reduction: str = help_field(
+        f"How statistics are summed over batches and processes: {list(REDUCTIONS)}. "
+        "'ordered' = each batch's terms summed in a fixed tree over its position in the whole "
+        "calibration set: the same bits (hence the same masks) on any number of processes, "
+        "given contiguous shards (shard_for_rank) whose sizes are multiples of batch_size; "
+        "'sum' = running sums all-reduced (no partial sums kept, but 1 and N processes "
+        "differ in the last bits, which flips near-tied SparseGPT choices).",
+        "ordered",
+    )
 
     def __post_init__(self) -> None:
         pattern = parse_mask_structure(self.mask)
@@ -125,6 +143,9 @@ class PruningConfig:
                 f"refine={self.refine!r} is not available for {self.method or 'this method'}; "
                 f"valid: {list(self.refinements)}"
             )
+        for key, valid in (("compute_dtype", COMPUTE_DTYPES), ("reduction", REDUCTIONS)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"{key} must be one of {list(valid)}, got {getattr(self, key)!r}")
         if not isinstance(self.refine_iterations, int) or self.refine_iterations < 1:
             raise ValueError(
                 f"refine_iterations must be a positive integer, got {self.refine_iterations!r}"
@@ -142,6 +163,11 @@ class PruningConfig:
     @property
     def pattern(self) -> NMPattern | None:
         return parse_mask_structure(self.mask)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of ``compute_dtype``."""
+        return getattr(torch, self.compute_dtype)
 
 
 @dataclass
