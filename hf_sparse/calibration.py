@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .execution import input_device, onloaded, resolve_device, to_device
 from .models import find_decoder_blocks, in_features, is_linear, weight_matrix
 from .reduction import OrderedSum
 
@@ -288,6 +289,14 @@ class BlockInputs:
     block_args: list[list[tuple]]  # [block][batch]
     block_kwargs: list[list[dict]]  # [block][batch]
 
+    def to(self, device: torch.device) -> BlockInputs:
+        """The same inputs with every tensor on ``device``."""
+        return BlockInputs(
+            to_device(self.hidden, device),
+            to_device(self.block_args, device),
+            to_device(self.block_kwargs, device),
+        )
+
     @property
     def args(self) -> list[tuple]:
         """The first block's positional arguments after the hidden states, per batch."""
@@ -398,6 +407,8 @@ def run_sequential(
     show_progress: bool = True,
     after_block: Callable[[nn.Module], None] | None = None,
     on_stream: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
+    offload_inputs: bool = False,
 ) -> None:
     """Drive ``process_block`` over the decoder blocks with propagated calibration inputs.
 
@@ -409,6 +420,11 @@ def run_sequential(
     this rank, or a list of such tensors (streams, e.g. one calibration set per task, each with
     its own length); ``on_stream(i)`` is called before stream ``i`` runs through a block to be
     measured, so hooks can tell the streams apart.
+
+    ``device``: where each block computes (None = CUDA when present, else CPU): blocks are
+    moved there one at a time and back (accelerate-offloaded blocks are written back to their
+    offload store), see ``hf_sparse.execution``. ``offload_inputs``: keep the block inputs
+    between stages on the CPU (moved to ``device`` batch by batch) instead of on ``device``.
     """
     _check_distributed_setup()
     streams = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
@@ -422,7 +438,8 @@ def run_sequential(
                 f"got shape {shape}"
             )
     decoder_blocks = find_decoder_blocks(model, blocks)
-    device = next(model.parameters()).device
+    compute = resolve_device(device)
+    store = torch.device("cpu") if offload_inputs else compute
     lowest = _first_window_positions(streams)
     was_training = model.training
     model.eval()
@@ -430,12 +447,14 @@ def run_sequential(
         where = stack.enter_context(batch_positions(BatchPosition(len(streams))))
         stack.callback(model.train, was_training)
         modules = [block for _, block in decoder_blocks]
+        ids_device = input_device(model)
         inputs = [
             capture_block_inputs(
-                model, modules[0], [b.to(device) for b in stream.split(batch_size)], modules[1:]
-            )
+                model, modules[0], [b.to(ids_device) for b in stream.split(batch_size)],
+                modules[1:],
+            ).to(store)
             for stream in streams
-        ]
+        ]  # fmt: skip
         hidden = [captured.hidden for captured in inputs]
         bar = tqdm(decoder_blocks, desc="calibrating blocks", disable=not show_progress)
         for position, (name, block) in enumerate(bar):
@@ -443,27 +462,36 @@ def run_sequential(
                 list(zip(c.block_args[position], c.block_kwargs[position], strict=True))
                 for c in inputs
             ]
-            finish = process_block(name, block)
-            if finish is not None:
-                with torch.no_grad():
-                    for index, (states, stream_calls) in enumerate(zip(hidden, calls, strict=True)):
-                        if on_stream is not None:
-                            on_stream(index)
-                        where.stream = index
-                        for number, (h, (a, k)) in enumerate(
-                            zip(states, stream_calls, strict=True)
+
+            def run(h: torch.Tensor, a: tuple, k: dict, block: nn.Module = block):
+                return block(h.to(compute), *to_device(a, compute), **to_device(k, compute))
+
+            with onloaded(block, compute):
+                finish = process_block(name, block)
+                if finish is not None:
+                    with torch.no_grad():
+                        for index, (states, stream_calls) in enumerate(
+                            zip(hidden, calls, strict=True)
                         ):
-                            where.lowest = lowest[index]
-                            where.position = lowest[index] + number * batch_size
-                            block(h, *a, **k)
-                finish()
-            if after_block is not None:
-                after_block(block)
-            with torch.no_grad():
-                hidden = [
-                    [_block_output(block(h, *a, **k)) for h, (a, k) in zip(states, c, strict=True)]
-                    for states, c in zip(hidden, calls, strict=True)
-                ]
+                            if on_stream is not None:
+                                on_stream(index)
+                            where.stream, where.lowest = index, lowest[index]
+                            for number, (h, (a, k)) in enumerate(
+                                zip(states, stream_calls, strict=True)
+                            ):
+                                where.position = lowest[index] + number * batch_size
+                                run(h, a, k)
+                    finish()
+                if after_block is not None:
+                    after_block(block)
+                with torch.no_grad():
+                    hidden = [
+                        [
+                            _block_output(run(h, a, k)).to(store)
+                            for h, (a, k) in zip(states, c, strict=True)
+                        ]
+                        for states, c in zip(hidden, calls, strict=True)
+                    ]
 
 
 def _first_window_positions(streams: list[torch.Tensor]) -> list[int]:

@@ -28,21 +28,58 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("distributed")
+README = Path(__file__).resolve().parents[1] / "README.md"
+# how each launcher of the README is started from this interpreter, and its port flag
+LAUNCHERS = {
+    "torchrun": ([sys.executable, "-m", "torch.distributed.run"], "--master_port"),
+    "accelerate launch": ([sys.executable, "-m", "accelerate.commands.launch"],
+                          "--main_process_port"),
+}  # fmt: skip
+
+
+def readme_command(launcher: str) -> list[str]:
+    """The README's command line for ``launcher``, as argv (``prune_script.py`` = its script)."""
+    lines = [line.strip() for line in README.read_text().splitlines()]
+    found = [
+        line for line in lines if line.startswith(launcher + " ") and "prune_script.py" in line
+    ]
+    assert len(found) == 1, f"README should give one '{launcher} ... prune_script.py' line"
+    return found[0].split()[len(launcher.split()) :]
+
+
+def launch(launcher: str, out_dir: Path) -> None:
+    """Run the README's command for ``launcher`` on the test script, writing to ``out_dir``."""
     env = {
         k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("ACCELERATE_")
     }
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPT), str(out_dir),
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    prefix, port_flag = LAUNCHERS[launcher]
+    args = readme_command(launcher)
+    script = args.index("prune_script.py")
+    args[script : script + 1] = [str(SCRIPT), str(out_dir)]
+    command = [*prefix, port_flag, str(_free_port()), *args]
+    proc = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, cwd=SCRIPT.parent
+    )
+    assert proc.returncode == 0, f"{launcher} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("distributed")
+    launch("torchrun", out_dir)
     return out_dir
+
+
+@pytest.mark.slow
+def test_accelerate_launch_command_of_the_readme_runs_two_processes(tmp_path, single_process):
+    """The script asserts two ranks; the masks and weights equal the one-process run."""
+    launch("accelerate launch", tmp_path)
+    for method in script.CONFIGS:
+        state = load_file(str(tmp_path / f"{method}.safetensors"))
+        assert state.keys() == single_process[method].keys()
+        for name, value in single_process[method].items():
+            assert torch.equal(state[name], value), name
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,18 @@ class PruningConfig:
         "Weights are written back in the model's own dtype (bf16, fp16, fp32).",
         "float32",
     )
+    device: str | None = help_field(
+        "Where each decoder block computes its statistics and solve ('cpu', 'cuda', "
+        "'cuda:1'); None = CUDA when present, else the CPU. The model itself may stay on the "
+        "CPU or be dispatched/offloaded by accelerate (device_map, offload_folder): blocks are "
+        "moved there one at a time and back.",
+        None,
+    )
+    offload_inputs: bool = help_field(
+        "Keep the calibration inputs of the blocks on the CPU between stages (moved to the "
+        "device batch by batch): less device memory, some transfer time.",
+        False,
+    )
     reduction: str = help_field(
         f"How statistics are summed over batches and processes: {list(REDUCTIONS)}. "
         "'ordered' = each batch's terms summed in a fixed tree over its position in the whole "
@@ -142,6 +154,12 @@ class PruningConfig:
             raise ValueError(
                 f"refine={self.refine!r} is not available for {self.method or 'this method'}; "
                 f"valid: {list(self.refinements)}"
+            )
+        if not isinstance(self.offload_inputs, bool):
+            raise ValueError(f"offload_inputs must be true or false, got {self.offload_inputs!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(
+                f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}"
             )
         for key, valid in (("compute_dtype", COMPUTE_DTYPES), ("reduction", REDUCTIONS)):
             if getattr(self, key) not in valid:
