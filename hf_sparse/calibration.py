@@ -6,52 +6,127 @@ and global layers), then for each block in turn accumulate statistics of its tar
 inputs, let the method change the block, and re-run the changed block to produce the next
 block's inputs. Errors of earlier blocks therefore reach the statistics of later ones.
 
-Statistics are sums in float32 (or float64 when asked), all-reduced across ranks when
+Statistics are sums in float32 (or float64 when asked), reduced across ranks when
 ``torch.distributed`` is initialised (``Accelerator(cpu=True)`` under ``torchrun`` does that),
-so N processes on N shards of the calibration set give the statistics of the whole set.
+so N processes on N shards of the calibration set give the statistics of the whole set. Under
+the engine each batch's contribution is kept apart and combined in a fixed tree over its
+position in the whole set (``hf_sparse.reduction``), so the sums have the same bits on any
+number of processes (given contiguous shards whose sizes are multiples of the batch size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .execution import input_device, onloaded, resolve_device, to_device
 from .models import find_decoder_blocks, in_features, is_linear, weight_matrix
+from .reduction import OrderedSum
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
+class BatchPosition:
+    """Where the batch now running sits in the whole calibration set (set by the engine):
+    its stream, the index of its first window in that stream over all ranks, and this
+    rank's first window in the stream."""
+
+    streams: int
+    stream: int = 0
+    position: int = 0
+    lowest: int = 0
+
+
+_POSITION: contextvars.ContextVar[BatchPosition | None] = contextvars.ContextVar(
+    "hf_sparse_batch_position", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_positions(state: BatchPosition) -> Iterator[BatchPosition]:
+    """Make ``state`` the position that statistics hooks read while the context is open."""
+    token = _POSITION.set(state)
+    try:
+        yield state
+    finally:
+        _POSITION.reset(token)
+
+
+_STAT_KEYS = ("xtx", "sq_norms")
+
+
+@dataclass
 class InputStats:
-    """Running sums over the rows ``x`` seen at one linear layer's input."""
+    """Running sums over the rows ``x`` seen at one linear layer's input.
+
+    ``ordered``: each batch's terms are kept apart by position and summed in a fixed tree by
+    ``all_reduce_stats`` (bit-identical for any number of processes); until then ``xtx`` and
+    ``sq_norms`` hold zeros.
+    """
 
     xtx: torch.Tensor | None = None  # sum of x^T x, [in, in]; SparseGPT's Hessian up to 2/n
     sq_norms: torch.Tensor | None = None  # sum of x_j^2 per input column; Wanda's ||X_j||^2
     tokens: int = 0
     shared_with: list[str] = field(default_factory=list)  # layers that read the same input
+    ordered: bool = False
+    pending: dict[tuple[str, int], OrderedSum] = field(default_factory=dict)
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1])
         acc_dtype = (self.xtx if self.xtx is not None else self.sq_norms).dtype
         rows = rows.to(acc_dtype)
-        if self.xtx is not None:
-            self.xtx.addmm_(rows.t(), rows)
-        if self.sq_norms is not None:
-            self.sq_norms.add_(rows.pow(2).sum(0))
+        if self.ordered:
+            self._add_ordered(rows)
+        else:
+            if self.xtx is not None:
+                self.xtx.addmm_(rows.t(), rows)
+            if self.sq_norms is not None:
+                self.sq_norms.add_(rows.pow(2).sum(0))
         self.tokens += rows.shape[0]
+
+    def _add_ordered(self, rows: torch.Tensor) -> None:
+        where = _POSITION.get()
+        if where is None:
+            raise RuntimeError(
+                "ordered statistics need the batch position the calibration engine sets "
+                "(run_sequential); create the collector with ordered=False elsewhere"
+            )
+        terms = {"xtx": lambda: rows.t() @ rows, "sq_norms": lambda: rows.pow(2).sum(0)}
+        for key in _STAT_KEYS:
+            if getattr(self, key) is not None:
+                total = self.pending.setdefault((key, where.stream), OrderedSum(where.lowest))
+                total.add(where.position, terms[key]())
+
+    def finish_ordered(self, streams: int) -> None:
+        """Sum the kept terms in the fixed tree, stream after stream (collective when
+        distributed: every rank calls it for the same items)."""
+        for key in _STAT_KEYS:
+            target = getattr(self, key)
+            if target is None:
+                continue
+            for stream in range(streams):
+                part = self.pending.pop((key, stream), OrderedSum()).total()
+                if part is not None:
+                    target.add_(part.to(target.device))
+        self.pending.clear()
+        self.ordered = False
 
     @property
     def hessian(self) -> torch.Tensor:
         """``X^T X / tokens`` (the constant 2 and the scale do not change OBS solutions)."""
         if self.xtx is None:
             raise ValueError("these statistics were collected without X^T X")
+        if self.ordered:
+            raise RuntimeError("ordered statistics are read before all_reduce_stats summed them")
         return self.xtx / max(self.tokens, 1)
 
 
@@ -75,22 +150,32 @@ def distributed_world() -> tuple[int, int]:
 
 
 def all_reduce_stats(stats: dict[str, InputStats]) -> None:
-    """Sum statistics over ranks in place (each shared object is reduced once)."""
+    """Sum statistics over ranks in place (each shared object is reduced once); ordered
+    statistics are summed in their fixed tree, also on one process."""
     rank, world = distributed_world()
-    if world == 1:
-        return
+    state = _POSITION.get()
     seen: set[int] = set()
     for name in sorted(stats):
         item = stats[name]
         if id(item) in seen:
             continue
         seen.add(id(item))
-        for tensor in (item.xtx, item.sq_norms):
-            if tensor is not None:
-                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        count = torch.tensor([item.tokens], dtype=torch.float64)
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
-        item.tokens = int(count.item())
+        if item.ordered:
+            item.finish_ordered(state.streams if state is not None else 1)
+        elif world > 1:
+            for tensor in (item.xtx, item.sq_norms):
+                if tensor is not None:
+                    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        if world > 1:
+            count = torch.tensor([item.tokens], dtype=torch.float64, device=_count_device())
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
+            item.tokens = int(count.item())
+
+
+def _count_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_block(block: nn.Module) -> None:
@@ -116,9 +201,11 @@ class StatsCollector:
         need_xtx: bool,
         need_sq_norms: bool,
         dtype: torch.dtype = torch.float32,
+        ordered: bool | None = None,
     ) -> None:
         self.linears = linears
         self.need_xtx, self.need_sq_norms, self.dtype = need_xtx, need_sq_norms, dtype
+        self.ordered = ordered  # None: ordered when the engine gives batch positions
         self.stats: dict[str, InputStats] = {}
         self._last: tuple = (None, None, None)
         self._handles: list = []
@@ -134,9 +221,11 @@ class StatsCollector:
                 "matrix to size its statistics (is it used?)"
             )
         make = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=device)  # noqa: E731
+        ordered = self.ordered if self.ordered is not None else _POSITION.get() is not None
         return InputStats(
             xtx=make(n, n) if self.need_xtx else None,
             sq_norms=make(n) if self.need_sq_norms else None,
+            ordered=ordered,
         )
 
     def fill_missing(self) -> list[str]:
@@ -199,6 +288,14 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     block_args: list[list[tuple]]  # [block][batch]
     block_kwargs: list[list[dict]]  # [block][batch]
+
+    def to(self, device: torch.device) -> BlockInputs:
+        """The same inputs with every tensor on ``device``."""
+        return BlockInputs(
+            to_device(self.hidden, device),
+            to_device(self.block_args, device),
+            to_device(self.block_kwargs, device),
+        )
 
     @property
     def args(self) -> list[tuple]:
@@ -310,6 +407,8 @@ def run_sequential(
     show_progress: bool = True,
     after_block: Callable[[nn.Module], None] | None = None,
     on_stream: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
+    offload_inputs: bool = False,
 ) -> None:
     """Drive ``process_block`` over the decoder blocks with propagated calibration inputs.
 
@@ -321,6 +420,11 @@ def run_sequential(
     this rank, or a list of such tensors (streams, e.g. one calibration set per task, each with
     its own length); ``on_stream(i)`` is called before stream ``i`` runs through a block to be
     measured, so hooks can tell the streams apart.
+
+    ``device``: where each block computes (None = CUDA when present, else CPU): blocks are
+    moved there one at a time and back (accelerate-offloaded blocks are written back to their
+    offload store), see ``hf_sparse.execution``. ``offload_inputs``: keep the block inputs
+    between stages on the CPU (moved to ``device`` batch by batch) instead of on ``device``.
     """
     _check_distributed_setup()
     streams = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
@@ -334,17 +438,23 @@ def run_sequential(
                 f"got shape {shape}"
             )
     decoder_blocks = find_decoder_blocks(model, blocks)
-    device = next(model.parameters()).device
+    compute = resolve_device(device)
+    store = torch.device("cpu") if offload_inputs else compute
+    lowest = _first_window_positions(streams)
     was_training = model.training
     model.eval()
-    try:
+    with contextlib.ExitStack() as stack:
+        where = stack.enter_context(batch_positions(BatchPosition(len(streams))))
+        stack.callback(model.train, was_training)
         modules = [block for _, block in decoder_blocks]
+        ids_device = input_device(model)
         inputs = [
             capture_block_inputs(
-                model, modules[0], [b.to(device) for b in stream.split(batch_size)], modules[1:]
-            )
+                model, modules[0], [b.to(ids_device) for b in stream.split(batch_size)],
+                modules[1:],
+            ).to(store)
             for stream in streams
-        ]
+        ]  # fmt: skip
         hidden = [captured.hidden for captured in inputs]
         bar = tqdm(decoder_blocks, desc="calibrating blocks", disable=not show_progress)
         for position, (name, block) in enumerate(bar):
@@ -352,21 +462,45 @@ def run_sequential(
                 list(zip(c.block_args[position], c.block_kwargs[position], strict=True))
                 for c in inputs
             ]
-            finish = process_block(name, block)
-            if finish is not None:
+
+            def run(h: torch.Tensor, a: tuple, k: dict, block: nn.Module = block):
+                return block(h.to(compute), *to_device(a, compute), **to_device(k, compute))
+
+            with onloaded(block, compute):
+                finish = process_block(name, block)
+                if finish is not None:
+                    with torch.no_grad():
+                        for index, (states, stream_calls) in enumerate(
+                            zip(hidden, calls, strict=True)
+                        ):
+                            if on_stream is not None:
+                                on_stream(index)
+                            where.stream, where.lowest = index, lowest[index]
+                            for number, (h, (a, k)) in enumerate(
+                                zip(states, stream_calls, strict=True)
+                            ):
+                                where.position = lowest[index] + number * batch_size
+                                run(h, a, k)
+                    finish()
+                if after_block is not None:
+                    after_block(block)
                 with torch.no_grad():
-                    for index, (states, stream_calls) in enumerate(zip(hidden, calls, strict=True)):
-                        if on_stream is not None:
-                            on_stream(index)
-                        for h, (a, k) in zip(states, stream_calls, strict=True):
-                            block(h, *a, **k)
-                finish()
-            if after_block is not None:
-                after_block(block)
-            with torch.no_grad():
-                hidden = [
-                    [_block_output(block(h, *a, **k)) for h, (a, k) in zip(states, c, strict=True)]
-                    for states, c in zip(hidden, calls, strict=True)
-                ]
-    finally:
-        model.train(was_training)
+                    hidden = [
+                        [
+                            _block_output(run(h, a, k)).to(store)
+                            for h, (a, k) in zip(states, c, strict=True)
+                        ]
+                        for states, c in zip(hidden, calls, strict=True)
+                    ]
+
+
+def _first_window_positions(streams: list[torch.Tensor]) -> list[int]:
+    """Index, within each stream over all ranks, of this rank's first window (ranks hold
+    contiguous shards in rank order, as ``hf_sparse.data.shard_for_rank`` gives them)."""
+    rank, world = distributed_world()
+    sizes = [int(stream.shape[0]) for stream in streams]
+    if world == 1:
+        return [0] * len(streams)
+    everyone: list = [None] * world
+    torch.distributed.all_gather_object(everyone, sizes)
+    return [sum(everyone[r][s] for r in range(rank)) for s in range(len(streams))]

@@ -12,4 +12,5 @@ def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Te
             f"shape mismatch: input norms have shape {tuple(input_sq_norms.shape)}, "
             f"expected ({weight.shape[1]},) for a weight of shape {tuple(weight.shape)}"
         )
-    return weight.detach().abs().float() * input_sq_norms.float().sqrt().unsqueeze(0)
+    dtype = torch.promote_types(torch.float32, input_sq_norms.dtype)  # fp32, or fp64 if given
+    return weight.detach().abs().to(dtype) * input_sq_norms.to(dtype).sqrt().unsqueeze(0)

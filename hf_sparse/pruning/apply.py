@@ -32,8 +32,10 @@ from ..calibration import (
 )
 from ..config_utils import to_dict
 from ..data import check_batch_size, check_token_windows
+from ..execution import onloaded, resolve_device, stored_tensor
 from ..models import (
     ExpertLinear,
+    find_decoder_blocks,
     find_linear,
     matches_pattern,
     near_names,
@@ -79,6 +81,8 @@ def measured_sparsity(linears: dict[str, nn.Module]) -> float:
     zeros = total = 0
     for module in linears.values():
         weight = weight_matrix(module)
+        if weight.device.type == "meta":  # an accelerate-offloaded layer: read its store
+            weight = stored_tensor(module)
         zeros += int((weight == 0).sum())
         total += weight.numel()
     return zeros / total if total else 0.0
@@ -114,7 +118,9 @@ def _block_pruner(
 ) -> Callable[[], None]:
     """Install statistics hooks on a block's targets; return the function that prunes them."""
     use_obs = isinstance(config, SparseGPTConfig)
-    collector = StatsCollector(linears, need_xtx=use_obs, need_sq_norms=not use_obs).__enter__()
+    collector = StatsCollector(
+        linears, use_obs, not use_obs, config.dtype, config.reduction == "ordered"
+    ).__enter__()
     means = _InputSums(linears) if config.refine == "dsnot" else None
 
     def finish() -> None:
@@ -223,7 +229,7 @@ def _obs_prune_shared(
             for n, w in zip(names, weights, strict=True)
         ]
         pruned, keep = obs_prune(
-            torch.cat([w.detach().float() for w in weights]),
+            torch.cat([w.detach().to(config.dtype) for w in weights]),
             hessian,
             config.sparsity,
             config.pattern,
@@ -231,6 +237,7 @@ def _obs_prune_shared(
             damp=config.dampening,
             row_groups=row_groups,
             exact_total=plan is not None,
+            dtype=config.dtype,
         )
         first = 0
         for name, (rows, _) in zip(names, row_groups, strict=True):
@@ -263,6 +270,7 @@ def prune_(
         )
     if not isinstance(config, MagnitudeConfig | WandaConfig | SparseGPTConfig):
         raise TypeError(f"no pruning implementation for {type(config).__name__}")
+    resolve_device(config.device)  # a bad device fails before any work
     if config.needs_calibration:
         check_token_windows(calibration, model, "calibration")
         check_batch_size(batch_size, "batch_size")
@@ -272,9 +280,11 @@ def prune_(
     owl = _owl_plan(model, config, grouped, calibration, batch_size, show_progress)
     plan = owl.layer_sparsity if owl is not None else None
     if isinstance(config, MagnitudeConfig) and config.refine == "none":
-        for linears in grouped.values():
-            for name, module in linears.items():
-                masks[name] = _prune_layer_magnitude(config, name, module, plan).cpu()
+        compute = resolve_device(config.device)
+        for block_name, block in find_decoder_blocks(model, config.blocks):
+            with onloaded(block, compute):
+                for name, module in grouped.get(block_name, {}).items():
+                    masks[name] = _prune_layer_magnitude(config, name, module, plan).cpu()
     else:
 
         def process_block(name: str, _block: nn.Module) -> Callable[[], None] | None:
@@ -289,6 +299,8 @@ def prune_(
             blocks=config.blocks,
             show_progress=show_progress,
             after_block=broadcast_block,
+            device=config.device,
+            offload_inputs=config.offload_inputs,
         )
     seconds = time.perf_counter() - start
     pruned = {name: module for linears in grouped.values() for name, module in linears.items()}

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from ..config_utils import from_dict, help_field
 from .core import NMPattern, check_sparsity, parse_mask_structure
 
 SPARSITY_PROFILES = ("uniform", "owl")
 WANDA_SCORES = ("wanda", "ria")
+COMPUTE_DTYPES = ("float32", "float64")
+REDUCTIONS = ("ordered", "sum")
 
 
 @dataclass
@@ -76,6 +80,32 @@ class PruningConfig:
         "none",
     )
     refine_iterations: int = help_field("DSnoT: swap rounds per output row (the paper: 50).", 50)
+    compute_dtype: str = help_field(
+        f"Precision of the activation statistics and of the solves: {list(COMPUTE_DTYPES)}. "
+        "Weights are written back in the model's own dtype (bf16, fp16, fp32).",
+        "float32",
+    )
+    device: str | None = help_field(
+        "Where each decoder block computes its statistics and solve ('cpu', 'cuda', "
+        "'cuda:1'); None = CUDA when present, else the CPU. The model itself may stay on the "
+        "CPU or be dispatched/offloaded by accelerate (device_map, offload_folder): blocks are "
+        "moved there one at a time and back.",
+        None,
+    )
+    offload_inputs: bool = help_field(
+        "Keep the calibration inputs of the blocks on the CPU between stages (moved to the "
+        "device batch by batch): less device memory, some transfer time.",
+        False,
+    )
+    reduction: str = help_field(
+        f"How statistics are summed over batches and processes: {list(REDUCTIONS)}. "
+        "'ordered' = each batch's terms summed in a fixed tree over its position in the whole "
+        "calibration set: the same bits (hence the same masks) on any number of processes, "
+        "given contiguous shards (shard_for_rank) whose sizes are multiples of batch_size; "
+        "'sum' = running sums all-reduced (no partial sums kept, but 1 and N processes "
+        "differ in the last bits, which flips near-tied SparseGPT choices).",
+        "ordered",
+    )
 
     def __post_init__(self) -> None:
         pattern = parse_mask_structure(self.mask)
@@ -125,6 +155,15 @@ class PruningConfig:
                 f"refine={self.refine!r} is not available for {self.method or 'this method'}; "
                 f"valid: {list(self.refinements)}"
             )
+        if not isinstance(self.offload_inputs, bool):
+            raise ValueError(f"offload_inputs must be true or false, got {self.offload_inputs!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ValueError(
+                f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}"
+            )
+        for key, valid in (("compute_dtype", COMPUTE_DTYPES), ("reduction", REDUCTIONS)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"{key} must be one of {list(valid)}, got {getattr(self, key)!r}")
         if not isinstance(self.refine_iterations, int) or self.refine_iterations < 1:
             raise ValueError(
                 f"refine_iterations must be a positive integer, got {self.refine_iterations!r}"
@@ -142,6 +181,11 @@ class PruningConfig:
     @property
     def pattern(self) -> NMPattern | None:
         return parse_mask_structure(self.mask)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of ``compute_dtype``."""
+        return getattr(torch, self.compute_dtype)
 
 
 @dataclass

@@ -162,6 +162,7 @@ def obs_prune(
     row_groups: list[tuple[int, float]] | None = None,
     exact_total: bool = False,
     inner_block: int = 32,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT: prune ``target`` and correct the remaining entries with the inverse Hessian.
 
@@ -169,7 +170,8 @@ def obs_prune(
     moment is ``hessian`` (``X^T X`` up to scale): a weight, or a task vector ``W_ft - W_base``.
     Columns are processed in blocks of ``block_size``; within a block the mask is chosen by the
     OBS saliency ``w^2 / [H^-1]_jj^2`` (adaptive mask selection) and each pruned weight's error
-    is spread over the not-yet-processed columns. Returns ``(pruned float32 matrix, keep mask)``.
+    is spread over the not-yet-processed columns. Returns ``(pruned matrix, keep mask)``, the
+    matrix in ``dtype`` (float32, or float64 when asked), whatever the dtype of ``target``.
     ``hinv_upper`` reuses a factor from ``damped_inverse_cholesky`` for matrices sharing ``H``.
     ``row_groups`` = ``[(row count, sparsity), ...]`` covering the rows: several layers that
     read the same input (q/k/v) stacked into one target, each with its own unstructured mask
@@ -194,11 +196,13 @@ def obs_prune(
         _check_nm_columns(cols, pattern)
         if block_size % pattern.m:
             raise ValueError(f"block_size {block_size} must be a multiple of M={pattern.m}")
-    w = target.detach().to(torch.float32).clone()
+    w = target.detach().to(dtype).clone()
     dead = torch.diag(hessian) == 0
     w[:, dead] = 0
-    hinv = hinv_upper if hinv_upper is not None else damped_inverse_cholesky(hessian, damp)
-    hinv = hinv.to(torch.float32)
+    hinv = (
+        hinv_upper if hinv_upper is not None else damped_inverse_cholesky(hessian.to(dtype), damp)
+    )
+    hinv = hinv.to(dtype)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
