@@ -1,5 +1,6 @@
 """``--blocks`` on every command that walks decoder blocks (prune, mask score/golden/reverse,
-analyze, compress, decompose, merge) and ``blocks=`` on ``TaskVectorPruneCallback``.
+analyze, compress, decompose, merge) and ``blocks=`` on ``TaskVectorPruneCallback`` and
+``SensitivityCallback``.
 
 The model is a tiny Llama registered as a family whose classes name no decoder-layer class in
 ``_no_split_modules``: its blocks are found only when ``--blocks model.layers`` says where they
@@ -18,7 +19,7 @@ from conftest import (
     tiny_config,
     tiny_training_args,
 )
-from hf_sparse.callbacks import TaskVectorPruneCallback
+from hf_sparse.callbacks import SensitivityCallback, TaskVectorPruneCallback
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,6 +30,7 @@ from transformers import (
     Trainer,
 )
 
+from hf_sparse.analysis import SensitivityConfig
 from hf_sparse.blocks import UnsupportedArchitectureError
 from hf_sparse.cli import main
 from hf_sparse.merging import TaskVectorPruneConfig
@@ -195,3 +197,20 @@ def test_task_vector_prune_callback_takes_blocks(tmp_path):
     callback = train("model.layers")
     assert len(callback.base_weights) == 14 and callback.hessians
     assert (tmp_path / "model.layers" / "pruned_task_vector" / "adapter_model.safetensors").exists()
+
+
+def test_sensitivity_callback_takes_blocks(tmp_path):
+    def train(blocks: str | None) -> SensitivityCallback:
+        config = SensitivityConfig(metric="magnitude", steps=[0, 2], num_samples=2, blocks=blocks)
+        callback = SensitivityCallback(config)
+        args = tiny_training_args(tmp_path / str(blocks), max_steps=2)
+        trainer = Trainer(model=hidden_blocks_model(), args=args, train_dataset=_examples(),
+                          callbacks=[callback])  # fmt: skip
+        trainer.train()
+        return callback
+
+    with pytest.raises(UnsupportedArchitectureError, match="_no_split_modules.*blocks="):
+        train(None)
+    with pytest.raises(UnsupportedArchitectureError, match="'model.layerz' matches no ModuleList"):
+        train("model.layerz")
+    assert train("model.layers").drift["steps"] == [0, 2]
