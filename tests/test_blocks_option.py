@@ -34,6 +34,8 @@ from hf_sparse.analysis import SensitivityConfig
 from hf_sparse.blocks import UnsupportedArchitectureError
 from hf_sparse.cli import main
 from hf_sparse.merging import TaskVectorPruneConfig
+from hf_sparse.spd import SPDConfig, get_spd_model
+from hf_sparse.spd.objective import prefix_replay
 
 WORDS = " ".join(f"w{i % 97}" for i in range(400))
 
@@ -214,3 +216,14 @@ def test_sensitivity_callback_takes_blocks(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="'model.layerz' matches no ModuleList"):
         train("model.layerz")
     assert train("model.layers").drift["steps"] == [0, 2]
+
+
+def test_spd_prefix_replay_uses_blocks_under_the_peft_wrapper():
+    model = get_spd_model(
+        hidden_blocks_model(), SPDConfig(C=2, target_modules=["model.layers.1.mlp.up_proj"])
+    )
+    assert prefix_replay(model) is None  # not found: every pass runs the whole model
+    replay = prefix_replay(model, "model.layers")  # base_model.model.model.layers
+    assert replay is not None and replay.blocks == [model.base_model.model.model.layers[0]]
+    with pytest.raises(UnsupportedArchitectureError, match="'model.layerz' matches no"):
+        prefix_replay(model, "model.layerz")
