@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from hf_sparse.analysis import SensitivityConfig
-from hf_sparse.blocks import UnsupportedArchitectureError
+from hf_sparse.blocks import UnsupportedArchitectureError, find_decoder_blocks
 from hf_sparse.cli import main
 from hf_sparse.merging import TaskVectorPruneConfig
 from hf_sparse.spd import SPDConfig, get_spd_model
@@ -227,3 +227,13 @@ def test_spd_prefix_replay_uses_blocks_under_the_peft_wrapper():
     assert replay is not None and replay.blocks == [model.base_model.model.model.layers[0]]
     with pytest.raises(UnsupportedArchitectureError, match="'model.layerz' matches no"):
         prefix_replay(model, "model.layerz")
+
+
+def test_blocks_path_under_a_wrapper_must_be_unambiguous():
+    pair = torch.nn.ModuleDict({"a": hidden_blocks_model(), "b": hidden_blocks_model()})
+    with pytest.raises(UnsupportedArchitectureError, match="ends several ModuleList paths"):
+        find_decoder_blocks(pair, "model.layers")
+    found = find_decoder_blocks(pair, "b.model.layers")
+    assert [name for name, _ in found] == ["b.model.layers.0", "b.model.layers.1"]
+    wrapped = torch.nn.ModuleDict({"wrapper": pair["a"]})
+    assert find_decoder_blocks(wrapped, "model.layers")[1][0] == "wrapper.model.layers.1"
