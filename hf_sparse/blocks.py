@@ -149,7 +149,15 @@ def _resolve_blocks_pattern(modules: dict[str, nn.Module], blocks: str) -> str:
     elif blocks in modules:
         found = [blocks]
     else:  # the same path under a wrapper (PEFT's ``base_model.model.``)
-        found = [n for n in modules if n.endswith("." + blocks)]
+        found = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, nn.ModuleList) and n.endswith("." + blocks)
+        ]
+        if len(found) > 1:
+            raise UnsupportedArchitectureError(
+                f"blocks={blocks!r} ends several ModuleList paths {found}; give the whole path"
+            )
     if not found:
         raise UnsupportedArchitectureError(
             f"blocks={blocks!r} matches no ModuleList; the model has "

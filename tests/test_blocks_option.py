@@ -1,5 +1,6 @@
 """``--blocks`` on every command that walks decoder blocks (prune, mask score/golden/reverse,
-analyze, compress, decompose, merge) and ``blocks=`` on ``TaskVectorPruneCallback``.
+analyze, compress, decompose, merge) and ``blocks=`` on ``TaskVectorPruneCallback`` and
+``SensitivityCallback``.
 
 The model is a tiny Llama registered as a family whose classes name no decoder-layer class in
 ``_no_split_modules``: its blocks are found only when ``--blocks model.layers`` says where they
@@ -18,7 +19,7 @@ from conftest import (
     tiny_config,
     tiny_training_args,
 )
-from hf_sparse.callbacks import TaskVectorPruneCallback
+from hf_sparse.callbacks import SensitivityCallback, TaskVectorPruneCallback
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,9 +30,12 @@ from transformers import (
     Trainer,
 )
 
-from hf_sparse.blocks import UnsupportedArchitectureError
+from hf_sparse.analysis import SensitivityConfig
+from hf_sparse.blocks import UnsupportedArchitectureError, find_decoder_blocks
 from hf_sparse.cli import main
 from hf_sparse.merging import TaskVectorPruneConfig
+from hf_sparse.spd import SPDConfig, get_spd_model
+from hf_sparse.spd.objective import prefix_replay
 
 WORDS = " ".join(f"w{i % 97}" for i in range(400))
 
@@ -195,3 +199,41 @@ def test_task_vector_prune_callback_takes_blocks(tmp_path):
     callback = train("model.layers")
     assert len(callback.base_weights) == 14 and callback.hessians
     assert (tmp_path / "model.layers" / "pruned_task_vector" / "adapter_model.safetensors").exists()
+
+
+def test_sensitivity_callback_takes_blocks(tmp_path):
+    def train(blocks: str | None) -> SensitivityCallback:
+        config = SensitivityConfig(metric="magnitude", steps=[0, 2], num_samples=2, blocks=blocks)
+        callback = SensitivityCallback(config)
+        args = tiny_training_args(tmp_path / str(blocks), max_steps=2)
+        trainer = Trainer(model=hidden_blocks_model(), args=args, train_dataset=_examples(),
+                          callbacks=[callback])  # fmt: skip
+        trainer.train()
+        return callback
+
+    with pytest.raises(UnsupportedArchitectureError, match="_no_split_modules.*blocks="):
+        train(None)
+    with pytest.raises(UnsupportedArchitectureError, match="'model.layerz' matches no ModuleList"):
+        train("model.layerz")
+    assert train("model.layers").drift["steps"] == [0, 2]
+
+
+def test_spd_prefix_replay_uses_blocks_under_the_peft_wrapper():
+    model = get_spd_model(
+        hidden_blocks_model(), SPDConfig(C=2, target_modules=["model.layers.1.mlp.up_proj"])
+    )
+    assert prefix_replay(model) is None  # not found: every pass runs the whole model
+    replay = prefix_replay(model, "model.layers")  # base_model.model.model.layers
+    assert replay is not None and replay.blocks == [model.base_model.model.model.layers[0]]
+    with pytest.raises(UnsupportedArchitectureError, match="'model.layerz' matches no"):
+        prefix_replay(model, "model.layerz")
+
+
+def test_blocks_path_under_a_wrapper_must_be_unambiguous():
+    pair = torch.nn.ModuleDict({"a": hidden_blocks_model(), "b": hidden_blocks_model()})
+    with pytest.raises(UnsupportedArchitectureError, match="ends several ModuleList paths"):
+        find_decoder_blocks(pair, "model.layers")
+    found = find_decoder_blocks(pair, "b.model.layers")
+    assert [name for name, _ in found] == ["b.model.layers.0", "b.model.layers.1"]
+    wrapped = torch.nn.ModuleDict({"wrapper": pair["a"]})
+    assert find_decoder_blocks(wrapped, "model.layers")[1][0] == "wrapper.model.layers.1"
