@@ -355,6 +355,14 @@ register_card_kind(
 )  # fmt: skip
 
 
+register_card_kind(
+    CardKind(
+        "task_vector_model", "task_vector_model.md", "model", "transformers", _task_vector,
+        "finetune", method_tags=lambda c: ["task-vector", str(c.config.get("method") or "")],
+    )
+)  # fmt: skip
+
+
 def _basis_sharing(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
     config = ctx.config
     counts = ctx.metrics.get("parameters") or {}
@@ -504,6 +512,15 @@ def _basis_sharing_kind(record, peft_type, recipe) -> str:
     return "basis_sharing_adapter"
 
 
+def _task_vector_kind(record, peft_type, recipe) -> str:
+    """The callback's adapter, or (``apply_to_model``) the trained model it rewrote."""
+    return (
+        "task_vector_adapter"
+        if peft_type or not record.get("applied_to_model")
+        else ("task_vector_model")
+    )
+
+
 def _spd_kind(record, peft_type, recipe) -> str:
     return "spd_toy" if "toy_kind" in (record.get("config") or {}) else "spd_adapter"
 
@@ -514,7 +531,7 @@ _BY_RECORD: dict[str, str | Callable[..., str]] = {
     "finetune": _finetune_kind,
     "GoldenMaskCallback": "finetuned_model",
     "merging": _merge_kind,
-    "TaskVectorPruneCallback": "task_vector_adapter",
+    "TaskVectorPruneCallback": _task_vector_kind,
     "basis_sharing": _basis_sharing_kind,
     "BasisSharingCallback": "basis_sharing_adapter",
     "basis_sharing_compressed": "basis_sharing_compressed",

@@ -129,6 +129,14 @@ ROWS = [
         load="PeftModel.from_pretrained", text=("0.1250", "step 6"),
     ),
     Row(
+        "task_vector_model",
+        record("TaskVectorPruneCallback", {"method": "magnitude_prune", "density": 0.1},
+               {"mean_relative_output_error": None}, global_step=6, applied_to_model=True),
+        {"callback": "TaskVectorPruneCallback", "task_vector_prune": {"density": 0.1},
+         "apply_to_model": True, "model": "smollm2-135m"},
+        relation="finetune", tag="task-vector", text=("apply_to_model", "not measured"),
+    ),
+    Row(
         "basis_sharing_adapter",
         record("basis_sharing", {"ratio": 0.2, "group_size": 4, "shared_roles": ["down"]},
                {"dense": ppl(17.5), "compressed": ppl(24.0),

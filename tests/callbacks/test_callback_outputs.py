@@ -129,3 +129,22 @@ def test_trainer_finds_the_callback_masks_and_its_tokenizer_for_generations(tmp_
     assert trainer.current_masks() is callback.masks
     rows = trainer.compare_generations_with_mask(["a b c"], max_new_tokens=3)
     assert rows[0]["prompt"] == "a b c" and isinstance(rows[0]["masked"], str)
+
+
+def test_task_vector_callback_applied_to_the_model_gives_its_saves_a_card(tmp_path):
+    from hf_sparse.callbacks import TaskVectorPruneCallback
+
+    from hf_sparse.merging import TaskVectorPruneConfig
+
+    config = TaskVectorPruneConfig(method="magnitude_prune", density=0.5)
+    callback = TaskVectorPruneCallback(config, apply_to_model=True)
+    args = tiny_training_args(tmp_path, max_steps=1)
+    model = build_tiny_model("llama")
+    trainer = Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    meta = check_card(tmp_path / "final", "TaskVectorPruneCallback", "task-vector")
+    assert meta["library_name"] == "transformers"  # the model itself, not the adapter
+    assert "apply_to_model" in (tmp_path / "final" / "README.md").read_text()
+    adapter_card = (callback.saved_to / "README.md").read_text()
+    assert card_metadata(adapter_card)["library_name"] == "peft"
