@@ -514,11 +514,9 @@ def _basis_sharing_kind(record, peft_type, recipe) -> str:
 
 def _task_vector_kind(record, peft_type, recipe) -> str:
     """The callback's adapter, or (``apply_to_model``) the trained model it rewrote."""
-    return (
-        "task_vector_adapter"
-        if peft_type or not record.get("applied_to_model")
-        else ("task_vector_model")
-    )
+    if peft_type or not record.get("applied_to_model"):
+        return "task_vector_adapter"
+    return "task_vector_model"
 
 
 def _spd_kind(record, peft_type, recipe) -> str:
