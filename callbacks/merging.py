@@ -162,7 +162,7 @@ class TaskVectorPruneCallback(TrainerCallback):
                     value = self.base_weights[name] + pruned[name]
                     weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
             self.global_step = state.global_step
-            add_save_writer(model, "TaskVectorPruneCallback", self._write_outputs)
+            add_save_writer(model, "TaskVectorPruneCallback", self._write_outputs, ("task-vector",))
 
     def _write_outputs(self, folder: Path, model) -> None:
         """Results, recipe and card of the model with the pruned task vector applied."""

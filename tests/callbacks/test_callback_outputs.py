@@ -57,6 +57,7 @@ def test_pruning_callback_writes_mask_sparsity_block_and_card_everywhere(tmp_pat
         assert block["method"] == "wanda" and block["measured_sparsity"] > 0.49
         check_card(folder, "PruningCallback", "wanda")
         assert read_results(folder)["metrics"]["sparsity"] > 0.49
+    assert {"hf-sparse", "pruned", "wanda"} <= set(trainer.model.model_tags)  # Trainer's card
     # a copy of the model saves itself, not the original
     twin = copy.deepcopy(trainer.model)
     with torch.no_grad():
