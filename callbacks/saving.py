@@ -45,6 +45,13 @@ def add_save_writer(
     model.save_pretrained = types.MethodType(_save_pretrained_then_write, model)
 
 
+def remove_save_writers(model) -> None:
+    """Undo :func:`add_save_writer` (a library flow that trains inside and saves its own way)."""
+    if model is not None and _WRITERS in model.__dict__:
+        del model.__dict__[_WRITERS]
+        model.__dict__.pop("save_pretrained", None)
+
+
 def write_callback_outputs(
     folder: Path,
     callback: str,

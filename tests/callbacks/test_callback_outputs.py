@@ -149,3 +149,13 @@ def test_task_vector_callback_applied_to_the_model_gives_its_saves_a_card(tmp_pa
     assert "apply_to_model" in (tmp_path / "final" / "README.md").read_text()
     adapter_card = (callback.saved_to / "README.md").read_text()
     assert card_metadata(adapter_card)["library_name"] == "peft"
+
+
+def test_recovery_inside_the_pruning_pipeline_leaves_no_save_writer():
+    from hf_sparse.callbacks.saving import add_save_writer, remove_save_writers
+
+    model = build_tiny_model("llama")
+    add_save_writer(model, "x", lambda folder, m: None)
+    assert "save_pretrained" in model.__dict__
+    remove_save_writers(model)
+    assert "save_pretrained" not in model.__dict__ and not hasattr(model, "_hf_sparse_save_writers")
