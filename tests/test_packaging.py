@@ -43,7 +43,7 @@ PruningCallback(WandaConfig(sparsity=0.5))
 
 from hf_sparse.hub import load_template
 template = load_template()
-assert "$base_model" in template.template, template.template[:200]
+assert "$method" in template.template, template.template[:200]
 print("ok", len(names), "modules")
 """
 
