@@ -211,7 +211,7 @@ def _pruned(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
         "structure": config.get("structure") or "unstructured",
         "sparsity": _pct(config.get("sparsity"), 0),
         "measured": _pct(measured),
-        "layers": len(layers) or "the targeted",
+        "layers": f" over {len(layers)} layers" if layers else "",
         "how": how,
     }, figures
 
@@ -370,7 +370,7 @@ def _basis_sharing(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
         f"{counts['removed']:,} of {counts['dense']:,} targeted parameters "
         f"({counts['removed'] / counts['dense']:.2%})"
         if counts.get("dense") and "removed" in counts
-        else "see the settings"
+        else "not recorded"
     )
     figures = _kept(
         _ppl(ctx, "compressed", "perplexity", True),
@@ -379,7 +379,8 @@ def _basis_sharing(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
     return {
         "ratio": _pct(config.get("ratio"), 0),
         "group_size": config.get("group_size", "?"),
-        "shared_roles": ", ".join(map(str, config.get("shared_roles") or [])) or "?",
+        "shared_roles": ", ".join(map(str, config.get("shared_roles") or []))
+        or "the paper's default set",
         "removed": removed,
     }, figures
 

@@ -144,7 +144,7 @@ ROWS = [
         {"model": "smollm2-135m", "basis_sharing": {"ratio": 0.2}, "evaluation": EVAL},
         peft_type="BASIS_SHARING", relation="adapter", library="peft", tag="basis-sharing",
         own=(("perplexity", 24.0),), base_figures=(17.5,), load="PeftModel.from_pretrained",
-        text=("200 of 1,000 targeted parameters (20.00%)", "ICLR 2025"),
+        text=("parameters removed: 200 of 1,000 targeted parameters (20.00%)", "ICLR 2025"),
     ),
     Row(
         "basis_sharing_compressed",
