@@ -46,7 +46,7 @@ class BasisSharingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if model is None:
             return control
-        add_save_writer(model, "BasisSharingCallback", self._write_outputs)
+        add_save_writer(model, "BasisSharingCallback", self._write_outputs, ("basis-sharing",))
         if self.compressed:
             return control
         layers = model.base_model.layers(self.adapter_name)

@@ -100,7 +100,7 @@ class GoldenMaskCallback(TrainerCallback):
         self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs
     ):
         self.state = state
-        add_save_writer(model, "GoldenMaskCallback", self._write_outputs)
+        add_save_writer(model, "GoldenMaskCallback", self._write_outputs, ("golden-parameters",))
         if self.masks is None:
             self.masks = self._find_masks(args, state, model, train_dataloader)
             self.masks.check_against(model)

@@ -11,7 +11,9 @@ Lifecycle:
                    for ``magnitude_prune``); save it under
                    ``<output_dir>/<output_subdir>`` as a ``MASKED_LR`` adapter of the base
                    (``PeftModel.from_pretrained(base, path)`` after ``import hf_sparse``); with
-                   ``apply_to_model`` the trained model's weights become base + pruned tau
+                   ``apply_to_model`` the trained model's weights become base + pruned tau,
+                   and every later save of the model (``trainer.save_model()``) gets the
+                   results, recipe and card of that model
 
 Example::
 
@@ -43,6 +45,8 @@ from hf_sparse.merging.sparse_delta import (
 )
 from hf_sparse.models import reject_expert_views, target_linears
 from hf_sparse.outputs import results_record
+
+from .saving import add_save_writer, write_callback_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +161,16 @@ class TaskVectorPruneCallback(TrainerCallback):
                     weight = module.weight
                     value = self.base_weights[name] + pruned[name]
                     weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+            self.global_step = state.global_step
+            add_save_writer(model, "TaskVectorPruneCallback", self._write_outputs, ("task-vector",))
+
+    def _write_outputs(self, folder: Path, model) -> None:
+        """Results, recipe and card of the model with the pruned task vector applied."""
+        errors = self.errors
+        write_callback_outputs(
+            folder, "TaskVectorPruneCallback", model, asdict(self.config),
+            {"task_vector_prune": asdict(self.config), "apply_to_model": True},
+            {"mean_relative_output_error": sum(errors.values()) / len(errors) if errors else None},
+            global_step=getattr(self, "global_step", None), applied_to_model=True,
+            adapter=str(self.saved_to) if self.saved_to else None,
+        )  # fmt: skip

@@ -70,7 +70,9 @@ class PruningCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.state = state
-        add_save_writer(model, "PruningCallback", self._write_outputs)
+        add_save_writer(
+            model, "PruningCallback", self._write_outputs, ("pruned", self.config.method)
+        )
         if self.masks is not None:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"

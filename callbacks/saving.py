@@ -28,15 +28,28 @@ def _save_pretrained_then_write(self, save_directory, *args, **kwargs):
     return result
 
 
-def add_save_writer(model, key: str, writer: Callable[[Path, Any], None]) -> None:
-    """Run ``writer(folder, model)`` after every ``model.save_pretrained(folder)``; ``key`` (one per
-    callback kind) replaces an earlier writer, so a second ``train()`` does not add another."""
+def add_save_writer(
+    model, key: str, writer: Callable[[Path, Any], None], tags: tuple[str, ...] = ()
+) -> None:
+    """Run ``writer(folder, model)`` after every ``model.save_pretrained(folder)``; ``key`` (one
+    per callback kind) replaces an earlier writer, so a second ``train()`` does not add another.
+    ``tags`` (after ``hf-sparse``) go to ``model.add_model_tags``, for the card
+    ``Trainer.push_to_hub`` writes."""
     if model is None or not hasattr(model, "save_pretrained"):
         return
+    if hasattr(model, "add_model_tags"):
+        model.add_model_tags(["hf-sparse", *tags])
     writers = model.__dict__.setdefault(_WRITERS, {})
     writers[key] = writer
     # A bound method on the instance: a deepcopy of the model gets one bound to the copy.
     model.save_pretrained = types.MethodType(_save_pretrained_then_write, model)
+
+
+def remove_save_writers(model) -> None:
+    """Undo :func:`add_save_writer` (a library flow that trains inside and saves its own way)."""
+    if model is not None and _WRITERS in model.__dict__:
+        del model.__dict__[_WRITERS]
+        model.__dict__.pop("save_pretrained", None)
 
 
 def write_callback_outputs(

@@ -211,7 +211,7 @@ def _pruned(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
         "structure": config.get("structure") or "unstructured",
         "sparsity": _pct(config.get("sparsity"), 0),
         "measured": _pct(measured),
-        "layers": len(layers) or "the targeted",
+        "layers": f" over {len(layers)} layers" if layers else "",
         "how": how,
     }, figures
 
@@ -355,6 +355,14 @@ register_card_kind(
 )  # fmt: skip
 
 
+register_card_kind(
+    CardKind(
+        "task_vector_model", "task_vector_model.md", "model", "transformers", _task_vector,
+        "finetune", method_tags=lambda c: ["task-vector", str(c.config.get("method") or "")],
+    )
+)  # fmt: skip
+
+
 def _basis_sharing(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
     config = ctx.config
     counts = ctx.metrics.get("parameters") or {}
@@ -362,7 +370,7 @@ def _basis_sharing(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
         f"{counts['removed']:,} of {counts['dense']:,} targeted parameters "
         f"({counts['removed'] / counts['dense']:.2%})"
         if counts.get("dense") and "removed" in counts
-        else "see the settings"
+        else "not recorded"
     )
     figures = _kept(
         _ppl(ctx, "compressed", "perplexity", True),
@@ -371,7 +379,8 @@ def _basis_sharing(ctx: CardContext) -> tuple[dict[str, Any], list[Figure]]:
     return {
         "ratio": _pct(config.get("ratio"), 0),
         "group_size": config.get("group_size", "?"),
-        "shared_roles": ", ".join(map(str, config.get("shared_roles") or [])) or "?",
+        "shared_roles": ", ".join(map(str, config.get("shared_roles") or []))
+        or "the paper's default set",
         "removed": removed,
     }, figures
 
@@ -504,6 +513,13 @@ def _basis_sharing_kind(record, peft_type, recipe) -> str:
     return "basis_sharing_adapter"
 
 
+def _task_vector_kind(record, peft_type, recipe) -> str:
+    """The callback's adapter, or (``apply_to_model``) the trained model it rewrote."""
+    if peft_type or not record.get("applied_to_model"):
+        return "task_vector_adapter"
+    return "task_vector_model"
+
+
 def _spd_kind(record, peft_type, recipe) -> str:
     return "spd_toy" if "toy_kind" in (record.get("config") or {}) else "spd_adapter"
 
@@ -514,7 +530,7 @@ _BY_RECORD: dict[str, str | Callable[..., str]] = {
     "finetune": _finetune_kind,
     "GoldenMaskCallback": "finetuned_model",
     "merging": _merge_kind,
-    "TaskVectorPruneCallback": "task_vector_adapter",
+    "TaskVectorPruneCallback": _task_vector_kind,
     "basis_sharing": _basis_sharing_kind,
     "BasisSharingCallback": "basis_sharing_adapter",
     "basis_sharing_compressed": "basis_sharing_compressed",

@@ -252,10 +252,19 @@ def _load_adapter(ctx: CardContext) -> str:
     base = ctx.base.hub_id or "<the base model>"
     peft_type = ctx.peft_type or "MASKED_LR"
     subfolder = f', subfolder="{ctx.subfolder}"' if ctx.subfolder else ""
+    if ctx.base.local_name:  # made on our dequantized copy: the Hub checkpoint has other weights
+        load_base = (
+            f"# the base this adapter was made on: {ctx.base.shown}\n"
+            f"# (the Hub checkpoint of {ctx.base.hub_id} has different weights)\n"
+            f'base_path = hf_sparse.fetch_model("{ctx.base.local_name}", install=True)\n'
+            "base = AutoModelForCausalLM.from_pretrained(base_path)\n"
+        )
+    else:
+        load_base = f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
     return (
         f"import hf_sparse  # registers {peft_type} with peft (else KeyError: '{peft_type}')\n"
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+        f"{load_base}"
         f'model = PeftModel.from_pretrained(base, "{ctx.repo_id}"{subfolder})'
     )
 
@@ -285,7 +294,9 @@ _INSTALL = {
     "only needed to re-run the recipe, keep the sparsity while fine-tuning, or use "
     "`hf-sparse eval`.",
     "adapter": "Needs `pip install hf-sparse peft` and `import hf_sparse` before "
-    "`PeftModel.from_pretrained` (it registers the adapter type with peft).",
+    "`PeftModel.from_pretrained` (it registers the adapter type with peft). The adapter records "
+    "a fingerprint of the base weights it was made on and refuses a base whose weights differ "
+    "(`AdapterIntegrityError`).",
     "remote": "Loads with stock `transformers` and `trust_remote_code=True`; after "
     "`pip install hf-sparse` and `import hf_sparse` it loads without remote code.",
     "files": "Not a model: a folder of files. `pip install hf-sparse` reads them "

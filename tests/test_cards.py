@@ -129,6 +129,14 @@ ROWS = [
         load="PeftModel.from_pretrained", text=("0.1250", "step 6"),
     ),
     Row(
+        "task_vector_model",
+        record("TaskVectorPruneCallback", {"method": "magnitude_prune", "density": 0.1},
+               {"mean_relative_output_error": None}, global_step=6, applied_to_model=True),
+        {"callback": "TaskVectorPruneCallback", "task_vector_prune": {"density": 0.1},
+         "apply_to_model": True, "model": "smollm2-135m"},
+        relation="finetune", tag="task-vector", text=("apply_to_model", "not measured"),
+    ),
+    Row(
         "basis_sharing_adapter",
         record("basis_sharing", {"ratio": 0.2, "group_size": 4, "shared_roles": ["down"]},
                {"dense": ppl(17.5), "compressed": ppl(24.0),
@@ -136,7 +144,7 @@ ROWS = [
         {"model": "smollm2-135m", "basis_sharing": {"ratio": 0.2}, "evaluation": EVAL},
         peft_type="BASIS_SHARING", relation="adapter", library="peft", tag="basis-sharing",
         own=(("perplexity", 24.0),), base_figures=(17.5,), load="PeftModel.from_pretrained",
-        text=("200 of 1,000 targeted parameters (20.00%)", "ICLR 2025"),
+        text=("parameters removed: 200 of 1,000 targeted parameters (20.00%)", "ICLR 2025"),
     ),
     Row(
         "basis_sharing_compressed",
@@ -219,8 +227,9 @@ def validate(card_text: str, row: Row) -> dict:
         assert value not in {v for _, v in index}
         assert f"{value:.4f} | the base model" in card_text
     assert "pip install hf-sparse" in card_text and row.load in card_text
-    if row.load == "PeftModel.from_pretrained":
-        assert "import hf_sparse" in card_text and f'from_pretrained("{HUB_ID}")' in card_text
+    if row.load == "PeftModel.from_pretrained":  # on the dequantized base it was made on
+        assert "import hf_sparse" in card_text
+        assert 'hf_sparse.fetch_model("smollm2-135m", install=True)' in card_text
     assert "[More Information Needed]" not in card_text
     assert REPO_ID_PLACEHOLDER in card_text
     for phrase in row.text:
@@ -361,3 +370,31 @@ def test_an_adapter_in_a_subfolder_is_loaded_from_it(tmp_path):
         f'PeftModel.from_pretrained(base, "{REPO_ID_PLACEHOLDER}", subfolder="adapter")'
         in card_text
     )
+
+
+@pytest.mark.real_model
+def test_an_adapter_card_snippet_loads_the_adapter_on_the_real_model(tmp_path):
+    """SmolLM2-135M (our dequantized copy): the load code of a saved adapter's card, with the
+    repo id replaced by the folder, runs and gives the saved adapter."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_sparse.masked_lr import MaskedLRConfig, get_masked_lr_model
+    from hf_sparse.real_model import fetch_model
+
+    base = AutoModelForCausalLM.from_pretrained(fetch_model("smollm2-135m"))
+    name = "model.layers.0.mlp.down_proj"
+    weight = dict(base.named_parameters())[f"{name}.weight"]
+    masks = {f"{name}.weight": torch.rand(weight.shape, generator=torch.Generator()) < 0.01}
+    get_masked_lr_model(base, MaskedLRConfig(target_modules=[name]), masks).save_pretrained(
+        tmp_path
+    )
+    card_text = with_repo_id((tmp_path / "README.md").read_text(), str(tmp_path))
+    assert card_metadata(card_text)["base_model"] == HUB_ID
+    code = re.search(r"```python\n(.*?)```", card_text, re.S).group(1)
+    namespace: dict = {}
+    exec(code, namespace)
+    loaded = namespace["model"]
+    assert loaded.peft_config["default"].peft_type == "MASKED_LR"

@@ -10,7 +10,8 @@ like cells of a notebook, so a block may use what an earlier one made (``golden`
 in a temporary working directory, where the stand-in folders are.
 
 A block that needs a name no stand-in provides fails with the name: add it to
-:func:`stand_ins` (and to the README's list).
+:func:`stand_ins` (and to the README's list), or import it in the block. A block that names a
+CUDA device (``"cuda"``) is skipped, with that reason, where CUDA is not available.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def namespace() -> dict[str, object]:
 @pytest.mark.slow
 @pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
 def test_readme_block_runs(line, code, workdir, namespace, monkeypatch):
+    if '"cuda"' in code and not torch.cuda.is_available():
+        pytest.skip(f"README.md:{line} runs on a CUDA device; none here")
     monkeypatch.chdir(workdir)
     namespace.update(stand_ins(workdir))
     try:

@@ -163,6 +163,7 @@ def recover_(
     Perplexity on ``eval_windows`` is recorded after each step in ``config.eval_at``.
     """
     from ..callbacks.pruning import PruningCallback
+    from ..callbacks.saving import remove_save_writers
     from ..evaluation import overall_sparsity, sparsity_report
 
     if not masks:
@@ -181,6 +182,7 @@ def recover_(
     finally:
         for param in frozen:
             param.requires_grad_(True)
+        remove_save_writers(model)  # the pipeline saves the output with its own results
     model.eval()
     result.sparsity_after = overall_sparsity(sparsity_report(model, sorted(masks)))
     return result

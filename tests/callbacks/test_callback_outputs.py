@@ -57,6 +57,7 @@ def test_pruning_callback_writes_mask_sparsity_block_and_card_everywhere(tmp_pat
         assert block["method"] == "wanda" and block["measured_sparsity"] > 0.49
         check_card(folder, "PruningCallback", "wanda")
         assert read_results(folder)["metrics"]["sparsity"] > 0.49
+    assert {"hf-sparse", "pruned", "wanda"} <= set(trainer.model.model_tags)  # Trainer's card
     # a copy of the model saves itself, not the original
     twin = copy.deepcopy(trainer.model)
     with torch.no_grad():
@@ -129,3 +130,32 @@ def test_trainer_finds_the_callback_masks_and_its_tokenizer_for_generations(tmp_
     assert trainer.current_masks() is callback.masks
     rows = trainer.compare_generations_with_mask(["a b c"], max_new_tokens=3)
     assert rows[0]["prompt"] == "a b c" and isinstance(rows[0]["masked"], str)
+
+
+def test_task_vector_callback_applied_to_the_model_gives_its_saves_a_card(tmp_path):
+    from hf_sparse.callbacks import TaskVectorPruneCallback
+
+    from hf_sparse.merging import TaskVectorPruneConfig
+
+    config = TaskVectorPruneConfig(method="magnitude_prune", density=0.5)
+    callback = TaskVectorPruneCallback(config, apply_to_model=True)
+    args = tiny_training_args(tmp_path, max_steps=1)
+    model = build_tiny_model("llama")
+    trainer = Trainer(model=model, args=args, train_dataset=examples(), callbacks=[callback])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    meta = check_card(tmp_path / "final", "TaskVectorPruneCallback", "task-vector")
+    assert meta["library_name"] == "transformers"  # the model itself, not the adapter
+    assert "apply_to_model" in (tmp_path / "final" / "README.md").read_text()
+    adapter_card = (callback.saved_to / "README.md").read_text()
+    assert card_metadata(adapter_card)["library_name"] == "peft"
+
+
+def test_recovery_inside_the_pruning_pipeline_leaves_no_save_writer():
+    from hf_sparse.callbacks.saving import add_save_writer, remove_save_writers
+
+    model = build_tiny_model("llama")
+    add_save_writer(model, "x", lambda folder, m: None)
+    assert "save_pretrained" in model.__dict__
+    remove_save_writers(model)
+    assert "save_pretrained" not in model.__dict__ and not hasattr(model, "_hf_sparse_save_writers")
