@@ -18,7 +18,9 @@ bf16 checkpoint). Runs in about 20-30 min on a loaded 2-core CPU machine::
 
     .venv/bin/python benchmarks/output_kinds.py [--work DIR] [--only pruned,spd]
 
-Writes ``benchmarks/out/output_kinds.json`` and ``benchmarks/out/output_kinds.md``.
+Writes ``benchmarks/out/output_kinds.json`` and ``benchmarks/out/output_kinds.md``. Kinds run in
+separate ``--only`` runs (merged adapters need the masked-LR adapter of the same ``--work``)
+are put in one table with ``--combine A.json B.json``.
 """
 
 from __future__ import annotations
@@ -314,7 +316,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=OUT / "output_kinds", help="output folders")
     parser.add_argument("--only", default=None, help="comma-separated kinds (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=OUT / "output_kinds.json",
+        help="where the rows go (with --only: merged into what is there)",
+    )
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="only merge the rows of these JSON files (of --only runs) into "
+                        "--json and write the table")  # fmt: skip
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, args.json)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -353,16 +366,33 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"\n{len(rows)} kinds in {seconds:.0f} s (shared 2-core machine)")
     OUT.mkdir(parents=True, exist_ok=True)
-    previous = OUT / "output_kinds.json"
-    if args.only and previous.exists():  # keep the other kinds' rows of an earlier run
-        old = {r["kind"]: r for r in json.loads(previous.read_text())["rows"]}
+    if args.only and args.json.exists():  # keep the other kinds' rows of an earlier run
+        old = {r["kind"]: r for r in json.loads(args.json.read_text())["rows"]}
         old.update({r["kind"]: r for r in rows})
         rows = [old[k] for k in MAKERS if k in old]
-    text = markdown(rows, dense)
-    print(text)
     record = {"dense_perplexity": dense, "eval": EVAL, "rows": rows, "seconds": seconds}
-    (OUT / "output_kinds.json").write_text(json.dumps(record, indent=2) + "\n")
-    (OUT / "output_kinds.md").write_text(text + "\n")
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    write_table(record, args.json.with_suffix(".md"))
+
+
+def write_table(record: dict, path: Path) -> None:
+    text = markdown(record["rows"], record["dense_perplexity"])
+    print(text)
+    path.write_text(text + "\n")
+
+
+def combine(files: list[Path], target: Path) -> None:
+    """Rows of several ``--only`` runs (same dense figure) in one table, in ``MAKERS`` order."""
+    records = [json.loads(f.read_text()) for f in files]
+    rows = {r["kind"]: r for record in records for r in record["rows"]}
+    denses = {round(r["dense_perplexity"], 6) for r in records}
+    if len(denses) != 1:
+        raise SystemExit(f"the runs measured different dense perplexities {denses}")
+    record = {"dense_perplexity": records[0]["dense_perplexity"], "eval": EVAL,
+              "rows": [rows[k] for k in MAKERS if k in rows],
+              "seconds": sum(r["seconds"] for r in records)}  # fmt: skip
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    write_table(record, target.with_suffix(".md"))
 
 
 if __name__ == "__main__":
