@@ -289,6 +289,8 @@ def load_model_and_tokenizer(
                     plan.extra.get("peft_type"), plan.base_name)  # fmt: skip
         model = model.merge_and_unload()
     model.name_or_path = base_model_id(name_or_path)
+    if not Path(str(name_or_path)).expanduser().is_dir():  # a known name or Hub id, not a path
+        model.config._name_or_path = model.name_or_path  # what peft's and Trainer's cards name
     return model, tokenizer
 
 

@@ -179,7 +179,7 @@ def test_adapters_record_the_hub_id_and_load_offline_from_the_local_copy(
     known_tiny, tmp_path, kind
 ):
     model, _ = load_model_and_tokenizer("tiny-known")
-    assert model.name_or_path == "hf-sparse-test/tiny-llama"
+    assert model.name_or_path == model.config._name_or_path == "hf-sparse-test/tiny-llama"
     if kind == "lora":
         adapted = _lora(model, 0)
     else:
@@ -189,6 +189,10 @@ def test_adapters_record_the_hub_id_and_load_offline_from_the_local_copy(
     adapted.eval().save_pretrained(tmp_path / "adapter")
     recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert recorded["base_model_name_or_path"] == "hf-sparse-test/tiny-llama"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")  # peft's card, or ours
+    assert card.data.base_model == "hf-sparse-test/tiny-llama"
 
     plan = inspect_output(tmp_path / "adapter")  # offline: the Hub id -> the local copy
     assert plan.base == str(known_tiny) and plan.base_name == "hf-sparse-test/tiny-llama"
