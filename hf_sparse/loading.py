@@ -10,6 +10,8 @@ match wins::
     model              config.json + safetensors: a full, pruned or merged model
     study              hf_sparse_results.json of kind ``analysis``: no model (an error naming
                        the model it studied)
+    nested             an output whose adapter or model sits in its one subfolder (SPD's
+                       ``adapter/``): loaded as that subfolder
 
 Lifecycle of ``load_output``:
   1. ``inspect_output``: the kind, the base, the config the model will have and where its
@@ -228,6 +230,36 @@ def _plan_study(folder: Path, base: str | None) -> OutputPlan:
     )
 
 
+# ---- kind: nested (an output folder whose adapter or model sits in one subfolder) --------------
+
+
+def inner_output(folder: Path) -> Path | None:
+    """The one subfolder holding adapter_config.json or config.json + weights (``adapter/`` of
+    an SPD run's output), when ``folder`` itself holds neither."""
+    if _is_adapter(folder) or _is_model(folder):
+        return None
+    found = [
+        child
+        for child in sorted(folder.iterdir())
+        if child.is_dir() and (_is_adapter(child) or _is_model(child))
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _is_nested(folder: Path) -> bool:
+    return inner_output(folder) is not None
+
+
+def _plan_nested(folder: Path, base: str | None) -> OutputPlan:
+    inner = inner_output(folder)
+    assert inner is not None  # detected
+    if base is None and _is_adapter(inner) and not adapter_base_candidates(inner, None):
+        base = _recorded_base(folder)  # the run's results file beside the subfolder
+    plan = inspect_output(inner, base)
+    plan.extra["outer"] = str(folder)
+    return plan
+
+
 def _not_loadable(plan: OutputPlan, dtype: torch.dtype) -> nn.Module:
     raise ValueError(f"{plan.path} holds no model")
 
@@ -238,6 +270,9 @@ register_output_kind(OutputKind("study", _is_study, _plan_study, _not_loadable,
                                 "an analysis study (its config.json holds settings)"))  # fmt: skip
 register_output_kind(OutputKind("model", _is_model, _plan_model, _load_model,
                                 "a full, pruned or merged model"))  # fmt: skip
+register_output_kind(OutputKind("nested", _is_nested, _plan_nested, _not_loadable,
+                                "an output folder holding its adapter or model in one "
+                                "subfolder (SPD's adapter/): planned as that one"))  # fmt: skip
 
 
 # ---- entry points ------------------------------------------------------------------------------
@@ -289,6 +324,8 @@ def load_model_and_tokenizer(
                     plan.extra.get("peft_type"), plan.base_name)  # fmt: skip
         model = model.merge_and_unload()
     model.name_or_path = base_model_id(name_or_path)
+    if not Path(str(name_or_path)).expanduser().is_dir():  # a known name or Hub id, not a path
+        model.config._name_or_path = model.name_or_path  # what peft's and Trainer's cards name
     return model, tokenizer
 
 

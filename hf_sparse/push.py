@@ -50,10 +50,20 @@ def _study_files(folder: Path) -> list[str]:
     return ["hf_sparse_results.json", CARD]
 
 
+def _nested_files(folder: Path) -> list[str]:
+    """The inner adapter's or model's files (in its subfolder) and the card at the top."""
+    from .loading import inner_output
+
+    inner = inner_output(folder)
+    check = _adapter_files if (inner / ADAPTER_CONFIG).is_file() else _model_files
+    return [f"{inner.name}/{name}" for name in check(inner) if name != CARD] + [CARD]
+
+
 UPLOAD_CHECKS: dict[str, Callable[[Path], list[str]]] = {
     "model": _model_files,
     "adapter": _adapter_files,
     "study": _study_files,
+    "nested": _nested_files,
 }
 """Per kind: check the folder (raising on unreadable weights) and name the files it needs.
 Kinds registered with the loader but not here (a compressed model) get ``_model_files``."""

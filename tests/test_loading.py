@@ -179,7 +179,7 @@ def test_adapters_record_the_hub_id_and_load_offline_from_the_local_copy(
     known_tiny, tmp_path, kind
 ):
     model, _ = load_model_and_tokenizer("tiny-known")
-    assert model.name_or_path == "hf-sparse-test/tiny-llama"
+    assert model.name_or_path == model.config._name_or_path == "hf-sparse-test/tiny-llama"
     if kind == "lora":
         adapted = _lora(model, 0)
     else:
@@ -189,6 +189,10 @@ def test_adapters_record_the_hub_id_and_load_offline_from_the_local_copy(
     adapted.eval().save_pretrained(tmp_path / "adapter")
     recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert recorded["base_model_name_or_path"] == "hf-sparse-test/tiny-llama"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")  # peft's card, or ours
+    assert card.data.base_model == "hf-sparse-test/tiny-llama"
 
     plan = inspect_output(tmp_path / "adapter")  # offline: the Hub id -> the local copy
     assert plan.base == str(known_tiny) and plan.base_name == "hf-sparse-test/tiny-llama"
@@ -247,3 +251,22 @@ def test_cli_eval_of_a_model_with_the_layer_table(ws, capsys):
     assert "model.layers.0.mlp.down_proj" in table and "overall" in table
     summary = json.loads("{" + rest)
     assert summary["kind"] == "model" and summary["linear_sparsity"] == 0
+
+
+def test_an_output_holding_its_adapter_in_a_subfolder_loads_as_that_adapter(ws, tmp_path):
+    """SPD's output: ``<dir>/adapter/`` beside the run's results file."""
+    from hf_sparse.push import plan_upload
+
+    adapted = make_adapter(ws, "spd", tmp_path / "out" / "adapter")
+    (tmp_path / "out" / RESULTS_FILE).write_text(json.dumps({"kind": "spd"}))
+    plan = inspect_output(tmp_path / "out")
+    assert plan.kind == "adapter" and plan.path == str(tmp_path / "out" / "adapter")
+    model, _ = plan.load()
+    ids = torch.randint(1, 100, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted(input_ids=ids).logits)
+    with pytest.raises(ValueError, match=r"incomplete nested folder \(missing \['README.md'\]"):
+        plan_upload(tmp_path / "out", "me/x")  # the card goes at the top
+    (tmp_path / "out" / "README.md").write_text("card")
+    names = [name for name, _ in plan_upload(tmp_path / "out", "me/x").files]
+    assert "adapter/adapter_model.safetensors" in names and "README.md" in names
