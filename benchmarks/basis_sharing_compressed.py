@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--remote-check", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--keep", action="store_true", help="keep the saved folders")
+    p.add_argument("--table", type=Path, help="only print the table of a written JSON")
     return p.parse_args(argv)
 
 
@@ -144,6 +145,9 @@ def speed(model, prefill_ids: torch.Tensor, prompt: torch.Tensor, new_tokens: in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "basis_sharing_compressed"
@@ -253,7 +257,20 @@ def write(args: argparse.Namespace, record: dict) -> None:
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
+def _speed_cells(sp: dict, name: str) -> str:
+    if name not in sp:
+        return "not measured | not measured"
+    s, d = sp[name], sp["dense"]
+    if name == "dense":
+        return f"{s['prefill_tok_s']:.0f} | {s['generate_tok_s']:.1f}"
+    return (
+        f"{s['prefill_tok_s']:.0f} ({s['prefill_tok_s'] / d['prefill_tok_s']:.2f}x) | "
+        f"{s['generate_tok_s']:.1f} ({s['generate_tok_s'] / d['generate_tok_s']:.2f}x)"
+    )
+
+
 def table(record: dict) -> str:
+    """The Markdown table of a record (also of a partial one: missing figures say so)."""
     dense = record["dense"]
     sp = record.get("speed", {})
     mib = 2**20
@@ -261,20 +278,15 @@ def table(record: dict) -> str:
         "| model | weights on disk | perplexity (v1) | prefill tok/s | generate tok/s |",
         "|---|---|---|---|---|",
         f"| dense | {dense['bytes'] / mib:.1f} MiB | {dense['ppl']['perplexity']:.2f} | "
-        f"{sp['dense']['prefill_tok_s']:.0f} | {sp['dense']['generate_tok_s']:.1f} |",
+        f"{_speed_cells(sp, 'dense')} |",
     ]
     for label, row in record["rows"].items():
-        s = sp[label]
         lines.append(
             f"| compressed {label} | {row['compressed_bytes'] / mib:.1f} MiB "
             f"({row['compressed_bytes'] / dense['bytes']:.1%}; adapter "
             f"{row['adapter_bytes'] / mib:.1f} MiB + base) | "
             f"{row['compressed_ppl']['perplexity']:.2f} (adapter "
-            f"{row['adapter_ppl']['perplexity']:.2f}) | "
-            f"{s['prefill_tok_s']:.0f} "
-            f"({s['prefill_tok_s'] / sp['dense']['prefill_tok_s']:.2f}x) | "
-            f"{s['generate_tok_s']:.1f} "
-            f"({s['generate_tok_s'] / sp['dense']['generate_tok_s']:.2f}x) |"
+            f"{row['adapter_ppl']['perplexity']:.2f}) | {_speed_cells(sp, label)} |"
         )
     return "\n".join(lines)
 
