@@ -20,6 +20,7 @@ CONFIGS = {
     "sparsegpt": lambda **kw: SparseGPTConfig(sparsity=0.5, **kw),
     "wanda": lambda **kw: WandaConfig(sparsity=0.5, mask="2:4", **kw),
     "magnitude": lambda **kw: MagnitudeConfig(sparsity=0.5, **kw),
+    "wanda-owl": lambda **kw: WandaConfig(sparsity=0.5, sparsity_profile="owl", **kw),
 }
 # layer 0 on disk (files in offload_folder), layer 1 offloaded to CPU RAM, the rest loaded
 DEVICE_MAP = {
