@@ -48,6 +48,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         )
     if resolved.type == "meta":
         raise ValueError("device 'meta' holds no data; use 'cpu' or 'cuda'")
+    if resolved.type == "cuda" and resolved.index is None:  # compare equal to cuda:N tensors
+        return torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 

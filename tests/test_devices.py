@@ -20,6 +20,7 @@ CONFIGS = {
     "sparsegpt": lambda **kw: SparseGPTConfig(sparsity=0.5, **kw),
     "wanda": lambda **kw: WandaConfig(sparsity=0.5, mask="2:4", **kw),
     "magnitude": lambda **kw: MagnitudeConfig(sparsity=0.5, **kw),
+    "wanda-owl": lambda **kw: WandaConfig(sparsity=0.5, sparsity_profile="owl", **kw),
 }
 # layer 0 on disk (files in offload_folder), layer 1 offloaded to CPU RAM, the rest loaded
 DEVICE_MAP = {
@@ -144,6 +145,12 @@ def test_default_device_is_cuda_when_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert execution.resolve_device(None) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert execution.resolve_device("cuda") == torch.device("cuda", 1)  # as tensors report it
+    assert execution.resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        execution.resolve_device("cuda:2")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

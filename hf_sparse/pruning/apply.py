@@ -351,7 +351,7 @@ def _owl_plan(
     if not config.owl:
         return None
     norms = dense_input_sq_norms(
-        model, calibration, grouped, batch_size, config.blocks, show_progress
+        model, calibration, grouped, batch_size, config.blocks, show_progress, config.device
     )
     return plan_owl(grouped, norms, float(config.sparsity), config.owl_m, config.owl_lambda)
 

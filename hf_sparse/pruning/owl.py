@@ -35,6 +35,7 @@ from ..calibration import (
     all_reduce_stats,
     capture_block_inputs,
 )
+from ..execution import input_device, onloaded, resolve_device, stored_tensor, to_device
 from ..importance.core import wanda_scores
 from ..models import find_decoder_blocks, weight_matrix
 
@@ -155,11 +156,14 @@ def dense_input_sq_norms(
     batch_size: int = 8,
     blocks: str | None = None,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """``sum_t x_j^2`` at every target linear's input, on the dense model, in one forward pass
-    block by block (no block is re-run: nothing changes between blocks)."""
+    block by block (no block is re-run: nothing changes between blocks); each block computes
+    on ``device`` (see ``hf_sparse.execution``)."""
     decoder_blocks = find_decoder_blocks(model, blocks)
-    device = next(model.parameters()).device
+    compute = resolve_device(device)
+    device = input_device(model)
     modules = [block for _, block in decoder_blocks]
     was_training = model.training
     model.eval()
@@ -174,8 +178,14 @@ def dense_input_sq_norms(
                 zip(captured.block_args[position], captured.block_kwargs[position], strict=True)
             )
             linears = grouped.get(name) or {}
-            with StatsCollector(linears, need_xtx=False, need_sq_norms=True) as collector:
-                outputs = [block(h, *a, **k) for h, (a, k) in zip(hidden, calls, strict=True)]
+            with (
+                onloaded(block, compute),
+                StatsCollector(linears, need_xtx=False, need_sq_norms=True) as collector,
+            ):
+                outputs = [
+                    block(h.to(compute), *to_device(a, compute), **to_device(k, compute))
+                    for h, (a, k) in zip(hidden, calls, strict=True)
+                ]
             hidden = [_block_output(output) for output in outputs]
             collector.fill_missing()
             all_reduce_stats(collector.stats)
@@ -198,7 +208,7 @@ def plan_owl(
     ``matrix(name, module)`` gives the matrix whose outliers count (default: the weight; a
     merge passes a task vector).
     """
-    matrix = matrix or (lambda _name, module: weight_matrix(module))
+    matrix = matrix or (lambda _name, module: _dense_weight(module))
     ratios: dict[str, float] = {}
     sizes: dict[str, dict[str, int]] = {}
     for block, linears in grouped.items():
@@ -218,3 +228,9 @@ def plan_owl(
         m, lam, min(values), max(values), target, min(ratios.values()), max(ratios.values()),
     )  # fmt: skip
     return OWLPlan(ratios, block_sparsity, layers)
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight matrix, read from the offload store of an accelerate-offloaded layer."""
+    weight = weight_matrix(module)
+    return stored_tensor(module) if weight.device.type == "meta" else weight
