@@ -24,7 +24,13 @@ from .config import (
     ReverseGoldenConfig,
     ScoreConfig,
 )
-from .core import FLUCTUATION_STRATEGIES, FluctuationState, initial_state
+from .core import (
+    FLUCTUATION_STRATEGIES,
+    STRATEGY_ALIASES,
+    FluctuationState,
+    initial_state,
+    resolve_strategy,
+)
 from .finetune import finetune_with_masks
 from .golden import GoldenResult, golden_masks
 from .layer import Linear, MaskedLRLayer
@@ -46,6 +52,8 @@ register_tuner(MASKED_LR, MaskedLRConfig, MaskedLRModel)
 
 __all__ = [
     "FLUCTUATION_STRATEGIES",
+    "STRATEGY_ALIASES",
+    "resolve_strategy",
     "MASKED_LR",
     "FinetuneConfig",
     "FinetuneRecipe",

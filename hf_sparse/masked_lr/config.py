@@ -12,7 +12,7 @@ from ..importance import IMPORTANCE_METRICS, check_metric_options
 from ..integrity import IntegrityCheckedConfig
 from ..masks import RANKING_SCOPES, check_percent
 from ..peft_registry import add_peft_type
-from .core import FLUCTUATION_STRATEGIES
+from .core import DEFAULT_FREQUENCY, FLUCTUATION_STRATEGIES, check_fluctuation, resolve_strategy
 
 PEFT_TYPE_NAME = "MASKED_LR"
 
@@ -183,8 +183,17 @@ class ReverseGoldenConfig:
     metric: str = help_field("Per-sample importance metric (not magnitude).", "gradient")
     scope: str = help_field("Ranking scope: global or tensor.", "global")
     strategy: str = help_field(
-        "Fluctuation strategy (hf_sparse.masked_lr.FLUCTUATION_STRATEGIES).",
+        f"Fluctuation strategy: {sorted(FLUCTUATION_STRATEGIES)} ('momentum' and 'chaos' are "
+        "accepted short spellings).",
         "adaptive_sinusoidal",
+    )
+    fluctuation_amplitude: float = help_field(
+        "Fraction in (0, 1] of the band's half-width the proposals may move from its centre.",
+        1.0,
+    )
+    fluctuation_frequency: float = help_field(
+        "Cycles per round of the periodic strategies (adaptive_sinusoidal, harmonic_oscillator).",
+        DEFAULT_FREQUENCY,
     )
     rounds: int = help_field("Search rounds at most.", 8)
     patience: int = help_field("Stop after this many rounds without a better KL.", 3)
@@ -201,11 +210,8 @@ class ReverseGoldenConfig:
     def __post_init__(self) -> None:
         check_percent(self.target_percent, "target_percent")
         check_positive_ints(self, ("num_samples", "eval_samples", "rounds", "patience"), "reverse")
-        if self.strategy not in FLUCTUATION_STRATEGIES:
-            raise ValueError(
-                f"unknown strategy {self.strategy!r}; valid strategies: "
-                f"{sorted(FLUCTUATION_STRATEGIES)}"
-            )
+        self.strategy = resolve_strategy(self.strategy)
+        check_fluctuation(self.fluctuation_amplitude, self.fluctuation_frequency)
         if self.scope not in REVERSE_SCOPES:
             raise ValueError(
                 f"reverse search scope must be one of {list(REVERSE_SCOPES)}, got {self.scope!r}"

@@ -181,7 +181,13 @@ def reverse_golden_masks(
     count = count_for(target_percent, total_entries)
     probe = KLProbe(model, held_out)
     step = FLUCTUATION_STRATEGIES[config.strategy]
-    state = initial_state(target_percent, config.expansion, config.seed)
+    state = initial_state(
+        target_percent,
+        config.expansion,
+        config.seed,
+        config.fluctuation_amplitude,
+        config.fluctuation_frequency,
+    )
     history, best, best_kl, last_kl, stale = [], None, None, None, 0
     for round_index in tqdm(range(config.rounds), desc="reverse search", disable=not show_progress):
         percent, state = step(state, round_index, last_kl, best_kl)
