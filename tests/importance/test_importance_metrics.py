@@ -202,3 +202,23 @@ def test_hutchinson_runs_on_sdpa_attention():
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
     scores = compute_importance(model.eval(), windows(n=1), "hutchinson", ["q"], False, probes=1)
     assert all(torch.isfinite(s).all() for s in scores.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("metric", ["gradient", "fisher"])
+def test_chunked_loss_gradients_equal_whole_sample_gradients(arch, metric):
+    from hf_sparse.importance import loss_chunks
+
+    model = build_tiny_model(arch)
+    ids = make_token_windows(n=2, length=11, seed=3)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt without loss
+    batches = [{"input_ids": ids[i : i + 1], "labels": labels[i : i + 1]} for i in range(2)]
+    whole = compute_importance(model, batches, metric, show_progress=False)
+    with loss_chunks(3):
+        chunked = compute_importance(model, batches, metric, show_progress=False)
+    assert sorted(chunked) == sorted(whole)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk_size must be a positive number"), loss_chunks(0):
+        pass

@@ -233,3 +233,33 @@ def test_fluctuation_frequency_sets_the_period():
             ReverseGoldenConfig(**bad)
     with pytest.raises(ValueError, match="fluctuation_frequency must be > 0"):
         ReverseGoldenConfig(fluctuation_frequency=-1)
+
+
+def test_chunked_scoring_and_batched_kl_give_the_same_masks():
+    model = build_tiny_model("llama")
+    data = examples(10)
+    plain = golden_masks(model, GoldenConfig(top_k_percent=30, num_samples=4), data, None, False)
+    chunked = golden_masks(
+        model, GoldenConfig(top_k_percent=30, num_samples=4, chunk_size=4), data, None, False
+    )
+    assert chunked.masks == plain.masks
+    held_out = [{"input_ids": w[None, : 6 + i]} for i, w in enumerate(make_token_windows(3, 12))]
+    masks = plain.masks
+    one = KLProbe(model, held_out, batch_size=1).kl_with_zeroed(masks)
+    three = KLProbe(model, held_out, batch_size=3).kl_with_zeroed(masks)  # padded batch
+    assert one > 0 and three == pytest.approx(one, rel=1e-4)
+    config = dict(target_percent=5.0, num_samples=4, eval_samples=3, rounds=3)
+    a = reverse_golden_masks(model, ReverseGoldenConfig(**config), data, None, None, False)
+    b = reverse_golden_masks(
+        model,
+        ReverseGoldenConfig(**config, chunk_size=5, batch_size=2),
+        data,
+        None,
+        None,
+        False,
+    )
+    assert a.masks == b.masks and b.kl == pytest.approx(a.kl, rel=1e-4)
+    with pytest.raises(ValueError, match="chunk_size applies to the gradient metrics"):
+        GoldenConfig(metric="hutchinson", chunk_size=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        ReverseGoldenConfig(batch_size=0)
