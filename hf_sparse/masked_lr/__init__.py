@@ -8,6 +8,7 @@ only them.
   the KL-maximising mask of a target size);
 - ``layer`` / ``model``: the ``MASKED_LR`` PEFT method (a trainable delta inside a mask, saved
   as values + packed mask); ``optim``: ``MaskedAdamW`` (per-element learning rates);
+  ``accumulate``: ``SparseGradientAccumulator`` (gradient accumulation at mask positions);
 - ``finetune`` / ``trainer``: fine-tuning with a mask, ``GoldenParamsTrainer``;
 - ``pipeline``: mask and fine-tuning recipes. Callback: ``hf_sparse.callbacks.GoldenMaskCallback``.
 
@@ -15,6 +16,7 @@ Importing this package registers ``MASKED_LR`` with peft (``import hf_sparse`` d
 """
 
 from ..peft_registry import register_tuner
+from .accumulate import SparseGradientAccumulator
 from .config import (
     MASKED_LR,
     FinetuneConfig,
@@ -72,6 +74,7 @@ __all__ = [
     "ReverseGoldenConfig",
     "ReverseGoldenResult",
     "ScoreConfig",
+    "SparseGradientAccumulator",
     "finetune_recipe_from_dict",
     "finetune_with_masks",
     "get_masked_lr_model",
