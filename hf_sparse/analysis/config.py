@@ -79,6 +79,11 @@ class AnalysisConfig:
     cluster_method: str = help_field(f"Clustering: {list(CLUSTER_METHODS)}.", "kmeans")
     cluster_level: str = help_field(f"Profiles per {list(PROFILE_LEVELS)}.", "tensor")
     n_clusters: int = help_field("k-means clusters.", 4)
+    cluster_perturbation: bool = help_field(
+        "Perturb the top-k entries of one cluster at a time (first perturbation, first "
+        "strength), with control_seeds same-size random sets from the same cluster's weights.",
+        True,
+    )
     single_weight_candidates: int = help_field(
         "Top-ranked weights zeroed one at a time (perplexity each); 0 = skip.", 8
     )
