@@ -2,6 +2,7 @@
 metrics registered in ``IMPORTANCE_METRICS``, parameter selection, sample handling and the
 all-reduce of scores across ranks."""
 
+from . import hessian  # noqa: F401  registers the hessian_diag metric
 from .chunked import loss_chunks
 from .metrics import (
     IMPORTANCE_METRICS,
