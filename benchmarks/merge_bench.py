@@ -170,6 +170,8 @@ def reconstruction(args) -> dict:
         row = {"density": density}
         for key, values in totals.items():
             row[key] = sum(values) / len(values)
+            # the unsquared relative error ||X (tau - tau_pruned)|| / ||X tau||, mean over linears
+            row[f"{key}_norm_ratio"] = sum(v**0.5 for v in values) / len(values)
             row[f"{key}_seconds"] = round(seconds[key], 2)
         row["ratio"] = row["sparsegpt_tv"] / row["magnitude"]
         rows.append(row)
