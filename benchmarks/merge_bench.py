@@ -15,8 +15,9 @@ loss on the first ``--eval-windows`` windows of ``--eval-len`` tokens of each do
 text (never trained on, see merge_finetunes.py).
 
 reconstruction: for every changed linear of every task, ``||X (tau - tau_pruned)||^2 / ||X
-tau||^2`` on that task's calibration inputs through the base model, for magnitude trimming and
-SparseGPT-TV at each density (mean over linears and tasks).
+tau||^2`` on that task's calibration inputs through the base model, at each density (mean over
+linears and tasks), for simple masking (magnitude trim; DARE's random drop with 1/density) and
+error correction (SparseGPT-TV; DARE with error correction = SparseGPT-TV then 1/density).
 
 peers: our rules against ``peft.utils.merge_utils`` on the real task-vector tensors (max abs
 difference, wall time); mergekit (``mergekit-yaml`` in its own virtualenv, ``--mergekit-venv``,
@@ -47,6 +48,8 @@ from hf_sparse.loading import load_model_and_tokenizer
 from hf_sparse.merging import (
     MergeConfig,
     MergeSource,
+    ObsOptions,
+    drop_random,
     inspect_source,
     load_task_vector,
     merge_,
@@ -62,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "out" / "merge_bench.json"
 SWEPT = (
     "magnitude_prune", "ties", "dare_linear", "dare_ties", "sparsegpt_tv", "sparsegpt_tv_seq",
-    "sparsegpt_ties", "sparsegpt_ties_seq",
+    "sparsegpt_ties", "sparsegpt_ties_seq", "dare_sparsegpt", "dare_sparsegpt_ties",
 )  # fmt: skip
 
 
@@ -143,25 +146,33 @@ def reconstruction(args) -> dict:
     for domain in DOMAINS:
         samples = [{"input_ids": w} for w in calibs[domain]]
         hessians.append(base_hessians(base, samples, linears))
+    generator = torch.Generator().manual_seed(args.seed)
+    kinds = {  # simple masking (no correction) vs OBS error correction, without and with 1/d
+        "magnitude": lambda tau, h, d: trim_magnitude(tau, d),
+        "dare_random": lambda tau, h, d: drop_random(tau, d, True, generator),
+        "sparsegpt_tv": lambda tau, h, d: prune_task_vector_obs(tau, h, d),
+        "dare_sparsegpt": lambda tau, h, d: prune_task_vector_obs(
+            tau, h, d, ObsOptions(density_rescale=True)
+        ),
+    }
     for density in args.densities:
-        totals = {"magnitude": [], "sparsegpt_tv": []}
-        start = {"magnitude": 0.0, "sparsegpt_tv": 0.0}
+        totals = {k: [] for k in kinds}
+        seconds = dict.fromkeys(kinds, 0.0)
         for vector, hessian in zip(vectors, hessians, strict=True):
             for name in linears:
                 tau, h = vector[f"{name}.weight"], hessian[name]
-                t0 = time.perf_counter()
-                kept = trim_magnitude(tau, density)
-                start["magnitude"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                obs = prune_task_vector_obs(tau, h, density)
-                start["sparsegpt_tv"] += time.perf_counter() - t0
-                for key, pruned in (("magnitude", kept), ("sparsegpt_tv", obs)):
+                for key, fn in kinds.items():
+                    t0 = time.perf_counter()
+                    pruned = fn(tau, h, density)
+                    seconds[key] += time.perf_counter() - t0
                     error, norm = reconstruction_error(tau, pruned, h)
                     totals[key].append(error / norm)
         row = {"density": density}
         for key, values in totals.items():
             row[key] = sum(values) / len(values)
-            row[f"{key}_seconds"] = round(start[key], 2)
+            # the unsquared relative error ||X (tau - tau_pruned)|| / ||X tau||, mean over linears
+            row[f"{key}_norm_ratio"] = sum(v**0.5 for v in values) / len(values)
+            row[f"{key}_seconds"] = round(seconds[key], 2)
         row["ratio"] = row["sparsegpt_tv"] / row["magnitude"]
         rows.append(row)
         print(json.dumps(row))

@@ -5,7 +5,7 @@
 
 from .analysis import SensitivityCallback
 from .basis_sharing import BasisSharingCallback
-from .masked_lr import GoldenMaskCallback
+from .masked_lr import GoldenMaskCallback, SparseGradientAccumulationCallback
 from .merging import TaskVectorPruneCallback
 from .pruning import PruningCallback
 
@@ -14,5 +14,6 @@ __all__ = [
     "GoldenMaskCallback",
     "PruningCallback",
     "SensitivityCallback",
+    "SparseGradientAccumulationCallback",
     "TaskVectorPruneCallback",
 ]

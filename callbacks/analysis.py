@@ -5,7 +5,9 @@ Lifecycle:
                    removed) so every snapshot scores the same inputs; snapshot step 0
   on_step_end      at the chosen steps (``steps`` or every ``every`` steps), score the selected
                    parameters with ``metric`` and keep the top-k set (packed on CPU) and a
-                   seeded subsample of the scores
+                   seeded subsample of the scores; with ``max_jaccard_drift`` /
+                   ``min_spearman`` set, compare with the previous snapshot at once and log
+                   a warning + record an event in ``drift_events`` when the set moved more
   on_train_end     Jaccard overlap of the top-k sets and Spearman correlation of the scores
                    between every pair of snapshots, written to
                    ``<output_dir>/sensitivity_drift.json``; ``drift`` holds the same in memory
@@ -46,6 +48,7 @@ class SensitivityCallback(TrainerCallback):
         self.samples: list[dict] = []
         self.snapshots: dict[int, tuple] = {}  # step -> (top-k masks, subsampled scores)
         self.drift: dict | None = None
+        self.drift_events: list[dict] = []
 
     def _due(self, step: int) -> bool:
         every = self.config.every
@@ -75,6 +78,40 @@ class SensitivityCallback(TrainerCallback):
             ]
         self.snapshots[step] = (masks, {"scores": flat})
         logger.info("sensitivity snapshot at step %d: top-%d of %d entries", step, count, total)
+        self._check_drift(step)
+
+    def _check_drift(self, step: int) -> None:
+        """Compare the snapshot of ``step`` with the previous one against the thresholds."""
+        config = self.config
+        earlier = [s for s in self.snapshots if s < step]
+        if not earlier or (config.max_jaccard_drift is None and config.min_spearman is None):
+            return
+        previous = max(earlier)
+        (masks_a, scores_a), (masks_b, scores_b) = self.snapshots[previous], self.snapshots[step]
+        jaccard = float(jaccard_matrix([masks_a, masks_b])[0, 1])
+        spearman = float(
+            spearman_matrix([scores_a, scores_b], max_entries=config.spearman_entries)[0, 1]
+        )
+        reasons = []
+        if config.max_jaccard_drift is not None and 1 - jaccard > config.max_jaccard_drift:
+            reasons.append(f"1 - Jaccard = {1 - jaccard:.4f} > {config.max_jaccard_drift}")
+        if config.min_spearman is not None and spearman < config.min_spearman:
+            reasons.append(f"Spearman = {spearman:.4f} < {config.min_spearman}")
+        if reasons:
+            event = {
+                "step": step,
+                "previous_step": previous,
+                "jaccard": jaccard,
+                "spearman": spearman,
+                "reasons": reasons,
+            }
+            self.drift_events.append(event)
+            logger.warning(
+                "critical set drifted between steps %d and %d: %s",
+                previous,
+                step,
+                "; ".join(reasons),
+            )
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if train_dataloader is None:
@@ -106,6 +143,11 @@ class SensitivityCallback(TrainerCallback):
             "spearman": spearman.tolist(),
             "jaccard_to_first": jaccard[0].tolist(),
             "jaccard_to_previous": [1.0] + [float(jaccard[i, i - 1]) for i in range(1, len(steps))],
+            "thresholds": {
+                "max_jaccard_drift": self.config.max_jaccard_drift,
+                "min_spearman": self.config.min_spearman,
+            },
+            "drift_events": self.drift_events,
         }
         if state.is_world_process_zero:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)

@@ -137,3 +137,61 @@ class GoldenMaskCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             checkpoint.mkdir(parents=True, exist_ok=True)
             self.masks.save(checkpoint / GOLDEN_MASKS_FILE)
+
+
+class SparseGradientAccumulationCallback(TrainerCallback):
+    """Gradient accumulation at the mask's positions only (``SparseGradientAccumulator``).
+
+    Lifecycle:
+      on_step_begin (first)  masks: ``masks`` given here, else those of the Trainer's
+                             ``MaskedAdamW`` (e.g. set by ``GoldenMaskCallback``); hooks fold
+                             each micro-step's gradients into per-position sums and free the
+                             dense ones; on the last micro-step (accelerate's
+                             ``sync_gradients``) the dense gradient is rebuilt, 0 off the mask
+      on_train_end           hooks removed
+
+    The entries outside the mask get a zero gradient, so they must be frozen: the optimizer
+    must be a ``MaskedAdamW`` with ``outside_lr_scale`` 0 (checked). Gradient clipping then
+    measures the norm of the masked entries only.
+    """
+
+    def __init__(self, masks: ParameterMasks | dict | None = None) -> None:
+        self.masks = masks
+        self.accumulator = None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.accumulator is not None:
+            return
+        from accelerate.state import GradientState
+
+        from hf_sparse.masked_lr import SparseGradientAccumulator
+        from hf_sparse.masked_lr.trainer import unwrap_optimizer
+
+        inner = unwrap_optimizer(optimizer)
+        scales = [g.get("outside_lr_scale") for g in getattr(inner, "param_groups", [])]
+        if not hasattr(inner, "get_masks") or any(s != 0 for s in scales):
+            raise ValueError(
+                "SparseGradientAccumulationCallback drops the gradients outside the mask: it needs "
+                f"a MaskedAdamW with outside_lr_scale 0 (got {type(inner).__name__}, outside "
+                f"scales {scales}); use GoldenParamsTrainer with outside_lr_scale=0"
+            )
+        masks = self.masks
+        if masks is None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            masks = {names[id(p)]: m for p, m in inner.get_masks().items()}
+        if not masks:
+            raise ValueError("no masks: pass masks= or give the optimizer masks before training")
+        self.accumulator = SparseGradientAccumulator(model, masks)
+        gradient_state = GradientState()
+        self.accumulator.attach(lambda: gradient_state.sync_gradients)
+        logger.info(
+            "sparse gradient accumulation on %d tensors: %d bytes instead of %d",
+            len(masks),
+            self.accumulator.storage_bytes(),
+            self.accumulator.dense_bytes(),
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.accumulator is not None:
+            self.accumulator.detach()
+            self.accumulator = None

@@ -292,6 +292,10 @@ _MERGE_NOTES = {
     "Hessian of calibration data, so the kept entries correct for the dropped ones.",
     "sparsegpt_ties": "Each task vector was pruned with SparseGPT's OBS solver on the layer-input "
     "Hessian, then signs were elected as in TIES.",
+    "dare_sparsegpt": "DARE with error correction: SparseGPT's OBS solver chose and corrected "
+    "the kept task-vector entries, which were then divided by the density (DARE's rescale).",
+    "dare_sparsegpt_ties": "DARE with error correction (SparseGPT-selected entries divided by "
+    "the density), then signs were elected as in TIES.",
     "ties": "TIES: magnitude trim, sign election, disjoint mean.",
     "dare_ties": "DARE: random drop with rescaling, then TIES sign election.",
     "dare_linear": "DARE: random drop with rescaling, then a weighted sum.",

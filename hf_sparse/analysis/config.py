@@ -84,6 +84,11 @@ class AnalysisConfig:
     cluster_method: str = help_field(f"Clustering: {list(CLUSTER_METHODS)}.", "kmeans")
     cluster_level: str = help_field(f"Profiles per {list(PROFILE_LEVELS)}.", "tensor")
     n_clusters: int = help_field("k-means clusters.", 4)
+    cluster_perturbation: bool = help_field(
+        "Perturb the top-k entries of one cluster at a time (first perturbation, first "
+        "strength), with control_seeds same-size random sets from the same cluster's weights.",
+        True,
+    )
     single_weight_candidates: int = help_field(
         "Top-ranked weights zeroed one at a time (perplexity each); 0 = skip.", 8
     )
@@ -159,8 +164,26 @@ class SensitivityConfig:
     spearman_entries: int = help_field(
         "Score entries kept (seeded subsample) for the Spearman correlation.", 1_000_000
     )
+    max_jaccard_drift: float | None = help_field(
+        "Drift alarm: when 1 - Jaccard(top-k set, previous snapshot's) exceeds this, log a "
+        "warning and record the event (None = no alarm).",
+        None,
+    )
+    min_spearman: float | None = help_field(
+        "Drift alarm: when the Spearman correlation of the scores with the previous snapshot's "
+        "falls below this, log a warning and record the event (None = no alarm).",
+        None,
+    )
 
     def __post_init__(self) -> None:
+        for name, low in (("max_jaccard_drift", 0.0), ("min_spearman", -1.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number in [{low}, 1] or null, got {value!r}")
+            if not low <= value <= 1:
+                raise ValueError(f"{name} must be in [{low}, 1], got {value}")
         if self.metric not in IMPORTANCE_METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; valid: {sorted(IMPORTANCE_METRICS)}")
         if self.steps is None and self.every is None:

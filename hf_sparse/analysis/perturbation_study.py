@@ -7,6 +7,8 @@ For every k (a progressive curve when several are given) and every perturbation,
 - ``control_seeds`` sets of k entries drawn uniformly at random from the same candidates
   (mean and standard deviation reported),
 - the bottom-k entries,
+- every candidate entry at once (``all_k``: the whole target perturbed at the same strength,
+  the ceiling the top-k effect is read against),
 
 optionally restricted to a component (``q``, ``mlp``, ...) or a range of blocks, so that a
 large effect can be told apart from "any k weights would do that".
@@ -95,6 +97,8 @@ class PerturbationPoint:
     random_std: dict
     bottom: dict
     random_runs: list[dict] = field(default_factory=list)
+    all_k: dict | None = None  # every candidate entry perturbed (None: not measured)
+    all_count: int | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -134,6 +138,7 @@ def perturbation_study(
                 plans.append((target, chosen, count, kind, strength))
     probe = probe or EffectProbe(model, windows)
     points = []
+    everything: dict[tuple, dict] = {}  # (target, kind, strength) -> all_k effect, measured once
     for target, chosen, count, kind, strength in tqdm(
         plans, desc="perturbations", disable=not show_progress
     ):
@@ -147,11 +152,18 @@ def perturbation_study(
 
         runs = [effect(random_entries(shapes, count, seed), seed) for seed in range(control_seeds)]
         mean, std = _summary(runs)
+        key = (target.label, kind, strength)
+        if key not in everything:
+            everything[key] = effect(
+                {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
+            )
+        total = sum(s.numel() for s in chosen.values())
         points.append(
             PerturbationPoint(
-                kind, strength, count, target.label, effect(top), mean, std, effect(bottom), runs
+                kind, strength, count, target.label, effect(top), mean, std, effect(bottom), runs,
+                everything[key], total,
             )
-        )
+        )  # fmt: skip
         logger.info(
             "%s x%.3g on top-%d (%s): ppl %.3f vs random %.3f +- %.3f, bottom %.3f",
             kind, strength, count, target.label, points[-1].top["perplexity"],

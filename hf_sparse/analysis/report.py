@@ -100,6 +100,11 @@ def _perturbations(plt, folder, results) -> list[tuple[str, str, str]]:
             [m + s for m, s in zip(mean, std, strict=True)], color="tab:blue", alpha=0.2,
         )  # fmt: skip
         ax.plot(ks, bottom, marker=marker, label="bottom-k", color="tab:green")
+        if points[0].get("all_k"):
+            ax.axhline(
+                points[0]["all_k"]["perplexity"], color="tab:purple", linestyle="--",
+                label=f"all {points[0]['all_count']:,} perturbed",
+            )  # fmt: skip
         ax.axhline(results["dense"]["perplexity"], color="black", linestyle=":", label="dense")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -159,6 +164,50 @@ def _clusters(plt, folder, stats) -> tuple[str, str, str]:
     )
 
 
+def _correlation(plt, folder, stats) -> tuple[str, str, str] | None:
+    correlation = stats.get("layer_correlation")
+    if not correlation:
+        return None
+    layers = correlation["layers"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.6))
+    image = ax.imshow(correlation["pearson"], vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xticks(range(len(layers)), layers, fontsize=6)
+    ax.set_yticks(range(len(layers)), layers, fontsize=6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label="Pearson r")
+    name = _save(fig, folder, "layer_correlation.png")
+    plt.close(fig)
+    return (
+        name,
+        "Correlation between layers' sensitivity profiles",
+        "Pearson r of per-component log10-score quantiles (components scored in every layer).",
+    )
+
+
+def _cluster_effects(plt, folder, results) -> tuple[str, str, str] | None:
+    rows = [r for r in results.get("cluster_perturbations", []) if "top" in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["top"]["perplexity"] for r in rows], width=0.4,
+           label="cluster's top-k", color="tab:red")  # fmt: skip
+    ax.bar(
+        [i + 0.2 for i in x], [r["random_mean"]["perplexity"] for r in rows], width=0.4,
+        yerr=[r["random_std"]["perplexity"] for r in rows], label="same-size random (cluster)",
+        color="tab:blue",
+    )  # fmt: skip
+    ax.axhline(results["dense"]["perplexity"], color="black", linestyle=":", label="dense")
+    ax.set_xticks(list(x), [f"{r['cluster']} (k={r['k']})" for r in rows], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    name = _save(fig, folder, "cluster_perturbations.png")
+    plt.close(fig)
+    return name, "Clustered perturbation", "Each cluster's top-k entries vs its other weights."
+
+
 def _single(plt, folder, results) -> tuple[str, str, str] | None:
     single = results.get("single_weights")
     if not single or not single["candidates"]:
@@ -212,6 +261,8 @@ def write_plots(folder: Path, stats, results, stability) -> list[tuple[str, str,
     figures += [f for f in (_single(plt, folder, results),) if f]
     figures += _stability(plt, folder, stability)
     figures.append(_clusters(plt, folder, stats))
+    figures += [f for f in (_correlation(plt, folder, stats),) if f]
+    figures += [f for f in (_cluster_effects(plt, folder, results),) if f]
     figures += [f for f in (_downstream(plt, folder, results),) if f]
     return figures
 
@@ -229,9 +280,25 @@ def _key_numbers(settings, stats, results, stability) -> list[tuple[str, str]]:
         rows.append(
             (
                 f"{point['kind']} x{point['strength']:g}, k={point['k']:,}, {point['target']}",
-                f"top {top:.3f} | random {mean:.3f} ± {std:.3f} | bottom {bottom:.3f}",
+                f"top {top:.3f} | random {mean:.3f} ± {std:.3f} | bottom {bottom:.3f}"
+                + (f" | all {point['all_k']['perplexity']:.3f}" if point.get("all_k") else ""),
             )
         )
+    for row in results.get("cluster_perturbations", []):
+        if "top" in row:
+            rows.append(
+                (
+                    f"cluster {row['cluster']}: {row['kind']} its top-k ({row['k']:,})",
+                    f"{row['top']['perplexity']:.3f} | same-size random in the cluster "
+                    f"{row['random_mean']['perplexity']:.3f} "
+                    f"± {row['random_std']['perplexity']:.3f}",
+                )
+            )
+    correlation = stats.get("layer_correlation")
+    if correlation:
+        matrix = correlation["pearson"]
+        off = [matrix[i][j] for i in range(len(matrix)) for j in range(len(matrix)) if i != j]
+        rows.append(("mean correlation between layers' profiles", f"{sum(off) / len(off):.3f}"))
     worst = (results.get("single_weights") or {}).get("worst")
     if worst:
         rows.append(

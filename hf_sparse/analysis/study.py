@@ -8,7 +8,8 @@ Lifecycle of ``run_study(model, tokenizer, config, output_dir)``:
      bottom-k controls; zero the top-ranked single weights one at a time, with random controls;
   4. stability: scores across seeds, disjoint input subsets and checkpoints (Jaccard of the
      top-k sets, Spearman of the scores);
-  5. cluster the per-tensor (or per-row) sensitivity profiles;
+  5. cluster the per-tensor (or per-row) sensitivity profiles and perturb each cluster's top-k
+     entries against same-size random sets of its weights; correlate the layers' profiles;
   6. downstream tasks before / after zeroing the top-k set (optional);
   7. write JSON files, plots and a self-contained ``report.html`` (figures drawn only from
      the JSON written in the same run) into a temporary folder renamed into place, with a
@@ -40,9 +41,11 @@ from ..masks import ParameterMasks, top_k
 from ..models import parameter_layouts
 from ..outputs import results_record, write_outputs
 from .breakdown import COMPONENTS, breakdown, component_of, layer_of
+from .cluster_effects import cluster_perturbations
 from .clustering import cluster_profiles, profiles, summarise_clusters
 from .config import AnalysisConfig
 from .controls import random_entries, resolve_count, top_k_entries
+from .correlation import layer_correlation
 from .effects import EffectProbe
 from .perturb import perturbed
 from .perturbation_study import Target, perturbation_study, restrict
@@ -278,6 +281,15 @@ def run_study(
         results["downstream"] = {"top_k": count, "before": before, "after_zeroing_top_k": after}
     stability = _stability(model, tokenizer, config, windows, scores, count, show_progress)
     stats["clusters"] = _clusters(scores, top, config)
+    stats["layer_correlation"] = layer_correlation(scores)
+    if config.cluster_perturbation:
+        points_ = stats["clusters"]["points"]
+        kind, strength = perturbations[0]
+        results["cluster_perturbations"] = cluster_perturbations(
+            model, top, {n: s.shape for n, s in scores.items()}, [p["label"] for p in points_],
+            [p["cluster"] for p in points_], probe, kind, strength, config.control_seeds,
+            config.seed,
+        )  # fmt: skip
     rows = _top_rows(scores, top)
     settings = {
         "model": model_name or getattr(model, "name_or_path", None),
@@ -315,7 +327,10 @@ def _results_record(settings: dict[str, Any], results: dict[str, Any]) -> dict[s
     if worst:
         metrics["worst_single_weight"] = worst
     metrics["points"] = [
-        {k: p[k] for k in ("kind", "strength", "k", "target", "top", "random_mean", "bottom")}
+        {
+            k: p[k]
+            for k in ("kind", "strength", "k", "target", "top", "random_mean", "bottom", "all_k")
+        }
         for p in results["points"]
     ]
     config = {k: v for k, v in settings.items() if k not in ("model", "seconds")}

@@ -2,6 +2,8 @@
 metrics registered in ``IMPORTANCE_METRICS``, parameter selection, sample handling and the
 all-reduce of scores across ranks."""
 
+from . import hessian  # noqa: F401  registers the hessian_diag metric
+from .chunked import loss_chunks
 from .metrics import (
     IMPORTANCE_METRICS,
     check_metric_options,
@@ -19,6 +21,7 @@ __all__ = [
     "compute_importance",
     "default_parameters",
     "instruction_prompt_fn",
+    "loss_chunks",
     "per_rank_scores",
     "register_metric",
     "select_parameters",

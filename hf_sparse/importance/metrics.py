@@ -8,6 +8,8 @@ the activation statistics of ``wanda`` / ``obs``) are all-reduced over ranks whe
 
 - ``magnitude``: ``|w|``.
 - ``gradient``: ``|g|`` of the mean loss over samples (sum of per-sample gradients / n).
+  Inside ``loss_chunks(n)`` the three gradient metrics compute each sample's loss gradient
+  over ``n``-token chunks (``hf_sparse.importance.chunked``): same result, bounded memory.
 - ``grad_x_weight``: ``|g * w|`` (first-order Taylor estimate of the loss change on removal).
 - ``fisher``: ``mean_s g_s^2``, the empirical Fisher diagonal.
 - ``hutchinson``: ``|E_z[z * Hz]|`` with Rademacher ``z``, the Hessian diagonal estimate of
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 from ..calibration import StatsCollector, all_reduce_stats
 from ..linalg import damped_inverse_cholesky
 from ..models import ExpertLinear, expert_linears, experts_layout, is_linear, weight_matrix
+from .chunked import chunked_loss_gradients, current_chunk_size
 from .core import wanda_scores
 from .distributed import all_reduce_, sum_across_ranks
 from .samples import as_samples, check_samples
@@ -125,7 +128,11 @@ def _per_sample_gradients(model, samples, params, show_progress, desc):
     with _grad_only_for(model, params):
         for sample in tqdm(samples, desc=desc, disable=not show_progress):
             tensors = list(params.values())
-            grads = torch.autograd.grad(_loss(model, sample), tensors, allow_unused=True)
+            chunk = current_chunk_size()
+            if chunk is None:
+                grads = torch.autograd.grad(_loss(model, sample), tensors, allow_unused=True)
+            else:
+                grads = chunked_loss_gradients(model, sample, tensors, chunk)
             yield {
                 n: torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
                 for (n, p), g in zip(params.items(), grads, strict=True)

@@ -8,6 +8,7 @@ only them.
   the KL-maximising mask of a target size);
 - ``layer`` / ``model``: the ``MASKED_LR`` PEFT method (a trainable delta inside a mask, saved
   as values + packed mask); ``optim``: ``MaskedAdamW`` (per-element learning rates);
+  ``accumulate``: ``SparseGradientAccumulator`` (gradient accumulation at mask positions);
 - ``finetune`` / ``trainer``: fine-tuning with a mask, ``GoldenParamsTrainer``;
 - ``pipeline``: mask and fine-tuning recipes. Callback: ``hf_sparse.callbacks.GoldenMaskCallback``.
 
@@ -15,6 +16,7 @@ Importing this package registers ``MASKED_LR`` with peft (``import hf_sparse`` d
 """
 
 from ..peft_registry import register_tuner
+from .accumulate import SparseGradientAccumulator
 from .config import (
     MASKED_LR,
     FinetuneConfig,
@@ -24,7 +26,13 @@ from .config import (
     ReverseGoldenConfig,
     ScoreConfig,
 )
-from .core import FLUCTUATION_STRATEGIES, FluctuationState, initial_state
+from .core import (
+    FLUCTUATION_STRATEGIES,
+    STRATEGY_ALIASES,
+    FluctuationState,
+    initial_state,
+    resolve_strategy,
+)
 from .finetune import finetune_with_masks
 from .golden import GoldenResult, golden_masks
 from .layer import Linear, MaskedLRLayer
@@ -46,6 +54,8 @@ register_tuner(MASKED_LR, MaskedLRConfig, MaskedLRModel)
 
 __all__ = [
     "FLUCTUATION_STRATEGIES",
+    "STRATEGY_ALIASES",
+    "resolve_strategy",
     "MASKED_LR",
     "FinetuneConfig",
     "FinetuneRecipe",
@@ -64,6 +74,7 @@ __all__ = [
     "ReverseGoldenConfig",
     "ReverseGoldenResult",
     "ScoreConfig",
+    "SparseGradientAccumulator",
     "finetune_recipe_from_dict",
     "finetune_with_masks",
     "get_masked_lr_model",

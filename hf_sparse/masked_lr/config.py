@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from ..config_utils import check_positive_ints, help_field
 from ..data import check_data_source
 from ..importance import IMPORTANCE_METRICS, check_metric_options
+from ..importance.chunked import CHUNKED_METRICS, check_chunk_size
 from ..integrity import IntegrityCheckedConfig
 from ..masks import RANKING_SCOPES, check_percent
 from ..peft_registry import add_peft_type
-from .core import FLUCTUATION_STRATEGIES
+from .core import DEFAULT_FREQUENCY, FLUCTUATION_STRATEGIES, check_fluctuation, resolve_strategy
 
 PEFT_TYPE_NAME = "MASKED_LR"
 
@@ -121,6 +122,15 @@ def _check_metric(metric: str, options: dict, per_sample: bool) -> None:
         )
 
 
+def _check_chunking(chunk_size: int | None, metric: str) -> None:
+    check_chunk_size(chunk_size)
+    if chunk_size is not None and metric not in CHUNKED_METRICS:
+        raise ValueError(
+            f"chunk_size applies to the gradient metrics {list(CHUNKED_METRICS)}, not "
+            f"{metric!r}: set chunk_size: null or choose one of them"
+        )
+
+
 @dataclass
 class ScoreConfig:
     """One importance metric's top-k as a mask (``hf-sparse mask score``)."""
@@ -167,10 +177,18 @@ class GoldenConfig:
         "Only parameters in the last N% of decoder blocks; None = all blocks.", None
     )
     metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
+    chunk_size: int | None = help_field(
+        "Memory-bounded scoring: each sample's loss gradient is computed over chunks of this "
+        "many tokens (head and cross-entropy per chunk, gradients accumulated over chunks; the "
+        "same gradient). Gradient metrics only (gradient, grad_x_weight, fisher). None = whole "
+        "samples.",
+        None,
+    )
 
     def __post_init__(self) -> None:
         check_percent(self.top_k_percent, "top_k_percent")
         check_positive_ints(self, ("num_samples",), "golden")
+        _check_chunking(self.chunk_size, self.metric)
         if self.scope not in RANKING_SCOPES:
             raise ValueError(f"scope must be one of {list(RANKING_SCOPES)}, got {self.scope!r}")
         if self.last_blocks_percent is not None:
@@ -193,8 +211,17 @@ class ReverseGoldenConfig:
     metric: str = help_field("Per-sample importance metric (not magnitude).", "gradient")
     scope: str = help_field("Ranking scope: global or tensor.", "global")
     strategy: str = help_field(
-        "Fluctuation strategy (hf_sparse.masked_lr.FLUCTUATION_STRATEGIES).",
+        f"Fluctuation strategy: {sorted(FLUCTUATION_STRATEGIES)} ('momentum' and 'chaos' are "
+        "accepted short spellings).",
         "adaptive_sinusoidal",
+    )
+    fluctuation_amplitude: float = help_field(
+        "Fraction in (0, 1] of the band's half-width the proposals may move from its centre.",
+        1.0,
+    )
+    fluctuation_frequency: float = help_field(
+        "Cycles per round of the periodic strategies (adaptive_sinusoidal, harmonic_oscillator).",
+        DEFAULT_FREQUENCY,
     )
     rounds: int = help_field("Search rounds at most.", 8)
     patience: int = help_field("Stop after this many rounds without a better KL.", 3)
@@ -212,15 +239,26 @@ class ReverseGoldenConfig:
     )
     seed: int = help_field("Seed of the strategies that draw random numbers.", 0)
     metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
+    chunk_size: int | None = help_field(
+        "Memory-bounded scoring: each sample's loss gradient is computed over chunks of this "
+        "many tokens (head and cross-entropy per chunk, gradients accumulated over chunks; the "
+        "same gradient). Gradient metrics only (gradient, grad_x_weight, fisher). None = whole "
+        "samples.",
+        None,
+    )
+    batch_size: int = help_field(
+        "Held-out samples per forward pass of the KL evaluation (padded on the right; the KL "
+        "counts real tokens only).",
+        1,
+    )
 
     def __post_init__(self) -> None:
         check_percent(self.target_percent, "target_percent")
-        check_positive_ints(self, ("num_samples", "eval_samples", "rounds", "patience"), "reverse")
-        if self.strategy not in FLUCTUATION_STRATEGIES:
-            raise ValueError(
-                f"unknown strategy {self.strategy!r}; valid strategies: "
-                f"{sorted(FLUCTUATION_STRATEGIES)}"
-            )
+        counts = ("num_samples", "eval_samples", "rounds", "patience", "batch_size")
+        check_positive_ints(self, counts, "reverse")
+        _check_chunking(self.chunk_size, self.metric)
+        self.strategy = resolve_strategy(self.strategy)
+        check_fluctuation(self.fluctuation_amplitude, self.fluctuation_frequency)
         if self.scope not in REVERSE_SCOPES:
             raise ValueError(
                 f"reverse search scope must be one of {list(REVERSE_SCOPES)}, got {self.scope!r}"

@@ -7,6 +7,14 @@ the band ``[low, high]`` (default ``[target, 4 * target]``, capped at 100): the 
 top-k percentage whose intersection over samples seeds the candidate mask. Small values give
 a strict (small) intersection, large values a loose one; the strategies differ in how they
 move through the band.
+
+Names are the specification's (``adaptive_sinusoidal``, ``momentum_based``,
+``exploration_decay``, ``harmonic_oscillator``, ``chaos_driven``); ``momentum`` and ``chaos``
+stay accepted spellings (``resolve_strategy``). Two knobs shape every strategy:
+``fluctuation_amplitude`` (the fraction of the band's half-width the proposals may move, in
+(0, 1]) and ``fluctuation_frequency`` (cycles per round of the periodic strategies:
+``adaptive_sinusoidal``'s sine and ``harmonic_oscillator``'s spring; 0.25 = a quarter turn a
+round).
 """
 
 from __future__ import annotations
@@ -19,6 +27,19 @@ from typing import Any
 
 Strategy = Callable[["FluctuationState", int, float | None, float | None], tuple[float, Any]]
 FLUCTUATION_STRATEGIES: dict[str, Strategy] = {}
+STRATEGY_ALIASES = {"momentum": "momentum_based", "chaos": "chaos_driven"}
+DEFAULT_FREQUENCY = 0.25  # a quarter turn per round
+
+
+def resolve_strategy(name: str) -> str:
+    """The registered name of ``name`` (short spellings accepted); ValueError if unknown."""
+    resolved = STRATEGY_ALIASES.get(name, name)
+    if resolved not in FLUCTUATION_STRATEGIES:
+        raise ValueError(
+            f"unknown strategy {name!r}; valid strategies: {sorted(FLUCTUATION_STRATEGIES)} "
+            f"(also accepted: {sorted(STRATEGY_ALIASES)})"
+        )
+    return resolved
 
 
 def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
@@ -39,6 +60,8 @@ class FluctuationState:
     amplitude: float = 1.0  # current relative amplitude (decays or adapts)
     chaos: float = 0.37  # logistic-map variable in (0, 1)
     seed: int = 0
+    max_amplitude: float = 1.0  # fluctuation_amplitude: fraction of the half-width used
+    frequency: float = DEFAULT_FREQUENCY  # fluctuation_frequency: cycles per round
     extra: dict = field(default_factory=dict)
 
     @property
@@ -53,8 +76,16 @@ class FluctuationState:
         return min(max(percent, self.low), self.high)
 
 
-def initial_state(target: float, expansion: float = 4.0, seed: int = 0) -> FluctuationState:
-    """Band ``[target, min(100, expansion * target)]``; the first proposal is its centre."""
+def initial_state(
+    target: float,
+    expansion: float = 4.0,
+    seed: int = 0,
+    amplitude: float = 1.0,
+    frequency: float = DEFAULT_FREQUENCY,
+) -> FluctuationState:
+    """Band ``[target, min(100, expansion * target)]``; the first proposal is its centre.
+    ``amplitude`` and ``frequency``: the ``fluctuation_amplitude`` / ``_frequency`` knobs."""
+    check_fluctuation(amplitude, frequency)
     if not 0 < target <= 100:
         raise ValueError(f"target must be in (0, 100], got {target}")
     if not expansion >= 1:
@@ -64,8 +95,31 @@ def initial_state(target: float, expansion: float = 4.0, seed: int = 0) -> Fluct
     chaos = random.Random(seed).uniform(0.1, 0.9)
     high = min(100.0, target * expansion)
     return FluctuationState(
-        target=target, low=target, high=high, percent=(target + high) / 2, seed=seed, chaos=chaos
+        target=target,
+        low=target,
+        high=high,
+        percent=(target + high) / 2,
+        seed=seed,
+        chaos=chaos,
+        amplitude=amplitude,
+        max_amplitude=amplitude,
+        frequency=frequency,
     )
+
+
+def check_fluctuation(amplitude: float, frequency: float) -> None:
+    if isinstance(amplitude, bool) or not isinstance(amplitude, int | float):
+        raise ValueError(f"fluctuation_amplitude must be a number in (0, 1], got {amplitude!r}")
+    if not 0 < amplitude <= 1:
+        raise ValueError(
+            f"fluctuation_amplitude must be in (0, 1] (a fraction of the band), got {amplitude}"
+        )
+    if isinstance(frequency, bool) or not isinstance(frequency, int | float):
+        raise ValueError(f"fluctuation_frequency must be a number > 0, got {frequency!r}")
+    if not (math.isfinite(frequency) and frequency > 0):
+        raise ValueError(
+            f"fluctuation_frequency must be > 0 (cycles per round, e.g. 0.25), got {frequency}"
+        )
 
 
 def _improved(last_kl: float | None, best_kl: float | None) -> bool:
@@ -77,17 +131,19 @@ def adaptive_sinusoidal(state, round_index, last_kl, best_kl):
     """A sine around the target; the amplitude widens after a gain and shrinks after a miss."""
     amplitude = state.amplitude
     if last_kl is not None:
-        amplitude = min(1.0, amplitude * 1.2) if _improved(last_kl, best_kl) else amplitude * 0.7
-    offset = state.half_width * amplitude * math.sin(round_index * math.pi / 2 + 0.5)
+        gained = _improved(last_kl, best_kl)
+        amplitude = min(state.max_amplitude, amplitude * 1.2) if gained else amplitude * 0.7
+    angle = 2 * math.pi * state.frequency * round_index + 0.5
+    offset = state.half_width * amplitude * math.sin(angle)
     percent = state.clip(state.center + offset)
     return percent, replace(state, percent=percent, amplitude=amplitude)
 
 
-@register_strategy("momentum")
-def momentum(state, round_index, last_kl, best_kl, beta: float = 0.6):
+@register_strategy("momentum_based")
+def momentum_based(state, round_index, last_kl, best_kl, beta: float = 0.6):
     """Keep moving in the direction that raised the KL last round; reverse (and halve the
     speed) when the last move lowered it."""
-    step = state.half_width * 0.5
+    step = state.half_width * 0.5 * state.max_amplitude
     velocity = state.velocity or step
     previous = state.extra.get("previous_kl")
     if last_kl is not None and previous is not None and last_kl < previous:
@@ -102,18 +158,21 @@ def momentum(state, round_index, last_kl, best_kl, beta: float = 0.6):
 def exploration_decay(state, round_index, last_kl, best_kl, decay: float = 0.75):
     """Random offsets whose amplitude decays geometrically: explore early, settle late."""
     rng = random.Random(state.seed * 1_000_003 + round_index)
-    amplitude = decay**round_index
+    amplitude = state.max_amplitude * decay**round_index
     percent = state.clip(state.center + state.half_width * rng.uniform(-amplitude, amplitude))
     return percent, replace(state, percent=percent, amplitude=amplitude)
 
 
 @register_strategy("harmonic_oscillator")
 def harmonic_oscillator(state, round_index, last_kl, best_kl, stiffness=0.8, damping=0.25):
-    """A damped spring pulled toward the band's centre, released from its upper edge."""
+    """A damped spring pulled toward the band's centre, released from its upper edge (or
+    ``fluctuation_amplitude`` of the way there); the stiffness grows with the square of
+    ``fluctuation_frequency`` (0.8 at the default 0.25)."""
+    stiffness = stiffness * (state.frequency / DEFAULT_FREQUENCY) ** 2
     position = (state.percent if state.percent is not None else state.center) - state.center
     velocity = state.velocity
     if round_index == 0:
-        position, velocity = state.half_width, 0.0
+        position, velocity = state.half_width * state.max_amplitude, 0.0
     else:
         velocity = (1 - damping) * velocity - stiffness * position
         position = position + velocity
@@ -121,10 +180,12 @@ def harmonic_oscillator(state, round_index, last_kl, best_kl, stiffness=0.8, dam
     return percent, replace(state, percent=percent, velocity=velocity)
 
 
-@register_strategy("chaos")
-def chaos(state, round_index, last_kl, best_kl, r: float = 3.9):
-    """The logistic map x <- r x (1 - x) (chaotic for r near 3.9) mapped onto the band."""
+@register_strategy("chaos_driven")
+def chaos_driven(state, round_index, last_kl, best_kl, r: float = 3.9):
+    """The logistic map x <- r x (1 - x) (chaotic for r near 3.9) mapped onto the band (its
+    central ``fluctuation_amplitude`` share)."""
     x = r * state.chaos * (1 - state.chaos)
     x = min(max(x, 1e-9), 1 - 1e-9)
-    percent = state.clip(state.low + x * (state.high - state.low))
+    offset = (2 * x - 1) * state.half_width * state.max_amplitude
+    percent = state.clip(state.center + offset)
     return percent, replace(state, percent=percent, chaos=x)

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config_utils import to_dict
+from ..importance.chunked import loss_chunks
 from ..importance.distributed import intersect_across_ranks, sum_across_ranks
 from ..importance.metrics import IMPORTANCE_METRICS, per_rank_scores
 from ..importance.samples import PromptFn, apply_prompt_fn, check_samples
@@ -95,7 +96,7 @@ def golden_masks(
     layout = parameter_layouts(model)
     fn = IMPORTANCE_METRICS[config.metric]
     running: ParameterMasks | None = None
-    with per_rank_scores():
+    with per_rank_scores(), loss_chunks(config.chunk_size):
         for sample in tqdm(samples, desc="golden masks", disable=not show_progress):
             scores = fn(model, [sample], selected, False, **config.metric_options)
             masks = top_k(scores, config.top_k_percent, config.scope, layout)

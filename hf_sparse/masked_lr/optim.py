@@ -28,7 +28,11 @@ class MaskedAdamW(Optimizer):
     Args: those of ``torch.optim.AdamW`` (same defaults; no foreach/fused/capturable paths),
     plus ``masks`` (``{parameter or parameter name: bool mask of its shape}``; names need the
     optimizer to be built from ``model.named_parameters()``), ``inside_lr_scale`` and
-    ``outside_lr_scale`` (also settable per param group). Parameters without a mask train with
+    ``outside_lr_scale`` (also settable per param group), or instead absolute rates
+    ``masked_lr`` / ``unmasked_lr`` (the specification's names; also per group): they are turned
+    into the scales ``masked_lr / lr`` and ``unmasked_lr / lr`` of the group's ``lr`` when the
+    group is added, so a scheduler scales them as it scales ``lr``. ``get_lr_info()`` reports
+    the effective rates and mask densities per group. Parameters without a mask train with
     the plain group lr. Masks may also be set later with ``set_masks`` (e.g. from a callback at
     ``on_train_begin``); they are stored in the optimizer state, so a resumed run keeps them.
 
@@ -49,6 +53,8 @@ class MaskedAdamW(Optimizer):
         masks: Mapping[nn.Parameter | str, torch.Tensor] | None = None,
         inside_lr_scale: float = 1.0,
         outside_lr_scale: float = 0.0,
+        masked_lr: float | None = None,
+        unmasked_lr: float | None = None,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(
@@ -60,6 +66,8 @@ class MaskedAdamW(Optimizer):
             maximize=maximize,
             inside_lr_scale=inside_lr_scale,
             outside_lr_scale=outside_lr_scale,
+            masked_lr=masked_lr,
+            unmasked_lr=unmasked_lr,
         )
         super().__init__(params, defaults)
         if masks:
@@ -70,6 +78,21 @@ class MaskedAdamW(Optimizer):
         group = self.param_groups[-1]
         where = f"param group {len(self.param_groups) - 1}"
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for absolute, scale in (
+            ("masked_lr", "inside_lr_scale"),
+            ("unmasked_lr", "outside_lr_scale"),
+        ):
+            value = group.get(absolute)
+            if value is None:
+                continue
+            _check_scale(absolute, value, where)
+            if not group["lr"] > 0:
+                raise ValueError(
+                    f"{absolute} of {where} needs a group lr > 0 to be expressed as a scale of "
+                    f"it, got lr={group['lr']}; set lr to the base rate"
+                )
+            group[scale] = float(value) / group["lr"]
+            group[absolute] = None  # applied: later lr changes (schedulers) scale it
         _check_scale("inside_lr_scale", group["inside_lr_scale"], where)
         _check_scale("outside_lr_scale", group["outside_lr_scale"], where)
 
@@ -107,6 +130,33 @@ class MaskedAdamW(Optimizer):
         return {
             p: state[MASK_STATE_KEY] for p, state in self.state.items() if MASK_STATE_KEY in state
         }
+
+    def get_lr_info(self) -> list[dict[str, Any]]:
+        """Per param group: its ``lr`` now, the effective rates inside and outside the masks
+        (``lr * scale``), and how many of its parameters have a mask with which density."""
+        info = []
+        masks = {id(p): m for p, m in self.get_masks().items()}
+        for index, group in enumerate(self.param_groups):
+            lr = float(group["lr"])
+            masked = [masks[id(p)] for p in group["params"] if id(p) in masks]
+            kept = sum(int(m.sum()) for m in masked)
+            entries = sum(m.numel() for m in masked)
+            info.append(
+                {
+                    "group": index,
+                    "lr": lr,
+                    "masked_lr": lr * float(group["inside_lr_scale"]),
+                    "unmasked_lr": lr * float(group["outside_lr_scale"]),
+                    "inside_lr_scale": float(group["inside_lr_scale"]),
+                    "outside_lr_scale": float(group["outside_lr_scale"]),
+                    "params": len(group["params"]),
+                    "masked_params": len(masked),
+                    "masked_entries": kept,
+                    "entries_of_masked_params": entries,
+                    "mask_density": kept / entries if entries else None,
+                }
+            )
+        return info
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

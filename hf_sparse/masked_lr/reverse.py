@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config_utils import to_dict
 from ..evaluation import masked_weights_zeroed
+from ..importance.chunked import loss_chunks
 from ..importance.distributed import all_reduce_, sum_across_ranks
 from ..importance.metrics import IMPORTANCE_METRICS, per_rank_scores
 from ..importance.samples import PromptFn, apply_prompt_fn, check_samples
@@ -86,11 +87,13 @@ class RankSummary:
         return unflatten(top_count(key, count), self.total)
 
 
-def summarise_ranks(fn, model, samples, selected, scope, options, show_progress) -> RankSummary:
+def summarise_ranks(
+    fn, model, samples, selected, scope, options, show_progress, chunk_size=None
+) -> RankSummary:
     """Worst position and summed score of every entry over the samples (of all ranks)."""
     worst, total = {}, {}
     for sample in tqdm(samples, desc="per-sample ranks", disable=not show_progress):
-        with per_rank_scores():
+        with per_rank_scores(), loss_chunks(chunk_size):
             scores = {
                 n: s.detach().float().cpu()
                 for n, s in fn(model, [sample], selected, False, **options).items()
@@ -115,31 +118,52 @@ class KLProbe:
     """KL(original || model with entries zeroed) on fixed held-out samples.
 
     The original log-probabilities are computed once; ``masked_weights_zeroed`` backs up only
-    the masked entries and restores them exactly. Under ``torch.distributed`` the KL sums
-    over every rank's held-out samples, so all ranks see the same KL and take the same
-    search decisions.
+    the masked entries and restores them exactly. ``batch_size`` samples share a forward pass
+    (padded on the right with an attention mask; only real tokens count). Under
+    ``torch.distributed`` the KL sums over every rank's held-out samples, so all ranks see the
+    same KL and take the same search decisions.
     """
 
-    def __init__(self, model, samples):
-        self.model, self.samples = model, samples
-        self.reference = [self._log_probs(s) for s in samples]
+    def __init__(self, model, samples, batch_size: int = 1):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = model
+        self.batches = [
+            _padded(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)
+        ]
+        self.reference = [self._log_probs(ids, mask) for ids, mask in self.batches]
 
     @torch.no_grad()
-    def _log_probs(self, sample) -> torch.Tensor:
+    def _log_probs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        logits = self.model(input_ids=sample["input_ids"].to(device), use_cache=False).logits
+        logits = self.model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+        ).logits
         return F.log_softmax(logits.float(), -1).cpu()
 
     @torch.no_grad()
     def kl_with_zeroed(self, masks: dict[str, torch.Tensor]) -> float:
         total, count = 0.0, 0
         with masked_weights_zeroed(self.model, masks):
-            for sample, log_p in zip(self.samples, self.reference, strict=True):
-                log_q = self._log_probs(sample)
-                total += float((log_p.exp() * (log_p - log_q)).sum())
-                count += log_p.shape[0] * log_p.shape[1]
+            for (ids, mask), log_p in zip(self.batches, self.reference, strict=True):
+                log_q = self._log_probs(ids, mask)
+                per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+                total += float(per_token[mask.bool()].sum())
+                count += int(mask.sum())
         device = next(self.model.parameters()).device
         return sum_across_ranks(total, device) / sum_across_ranks(count, device)
+
+
+def _padded(samples: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, longest]`` token ids padded on the right with 0, and the attention mask."""
+    rows = [s["input_ids"].reshape(-1) for s in samples]
+    longest = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, : row.numel()] = row
+        mask[index, : row.numel()] = 1
+    return ids, mask
 
 
 def reverse_golden_masks(
@@ -176,12 +200,20 @@ def reverse_golden_masks(
     metric_options, scope = config.metric_options, config.scope
     target_percent, patience = config.target_percent, config.patience
 
-    ranks = summarise_ranks(fn, model, samples, selected, scope, metric_options, show_progress)
+    ranks = summarise_ranks(
+        fn, model, samples, selected, scope, metric_options, show_progress, config.chunk_size
+    )
     total_entries = sum(t.numel() for t in ranks.total.values())
     count = count_for(target_percent, total_entries)
-    probe = KLProbe(model, held_out)
+    probe = KLProbe(model, held_out, config.batch_size)
     step = FLUCTUATION_STRATEGIES[config.strategy]
-    state = initial_state(target_percent, config.expansion, config.seed)
+    state = initial_state(
+        target_percent,
+        config.expansion,
+        config.seed,
+        config.fluctuation_amplitude,
+        config.fluctuation_frequency,
+    )
     history, best, best_kl, last_kl, stale = [], None, None, None, 0
     for round_index in tqdm(range(config.rounds), desc="reverse search", disable=not show_progress):
         percent, state = step(state, round_index, last_kl, best_kl)

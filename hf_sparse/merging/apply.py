@@ -32,6 +32,7 @@ from ..linalg import damped_inverse_cholesky
 from ..models import ExpertLinear, target_linears, weight_matrix
 from .config import MergeConfig, MergeSource
 from .core import (
+    MERGE_METHODS,
     MergeRule,
     ObsOptions,
     check_merge_method,
@@ -201,11 +202,12 @@ def merge_(
     obs_linears = _obs_targets(model, config, tasks) if rule.sparsify == "obs" else {}
     changed = sorted({name for task in tasks for name in task.vector})
     others = [n for n in changed if n not in obs_linears]
+    options = obs_options(config)
     deltas: TaskVector = {}
     for name in others:  # data-free merge (or magnitude fallback of OBS methods)
         vectors = [t.vector.get(name, torch.zeros(params[name].shape)) for t in tasks]
         sparse = [
-            sparsify(v, rule, t.density, None, generator)
+            sparsify(v, rule, t.density, None, generator, options)
             for v, t in zip(vectors, tasks, strict=True)
         ]
         deltas[name] = combine(
@@ -236,6 +238,13 @@ def merge_(
         seconds,
     )
     return result
+
+
+def obs_options(config: MergeConfig) -> ObsOptions:
+    """The OBS solver's settings in ``config`` (DARE's 1/density rescale from the method or
+    ``dare_rescale``)."""
+    by_density = MERGE_METHODS[config.method].density_rescale or config.dare_rescale
+    return ObsOptions(config.block_size, config.dampening, config.rescale, by_density)
 
 
 @torch.no_grad()
@@ -304,7 +313,7 @@ def _merge_obs(
         by_block.setdefault(block, {})[linear] = module
     per_task = config.hessians == "per_task" and len(streams) > 1
     merged: TaskVector = {}
-    options = ObsOptions(config.block_size, config.dampening, config.rescale)
+    options = obs_options(config)
     measuring: list[_StreamCollectors] = []  # the collectors of the block being measured
     owl = owl_densities(model, tasks, config, streams, by_block, batch_size, show_progress)
 

@@ -27,7 +27,8 @@ class MergeConfig:
     method: str = help_field(
         f"Merge method: {sorted(MERGE_METHODS)}. sparsegpt_tv prunes each task vector with "
         "SparseGPT's OBS solver on the layer-input Hessian, then sums; sparsegpt_ties then "
-        "elects signs like TIES.",
+        "elects signs like TIES; dare_sparsegpt / dare_sparsegpt_ties (DARE with error "
+        "correction) divide the SparseGPT-kept entries by the density like DARE.",
         "ties",
     )
     density: float = help_field(
@@ -54,7 +55,13 @@ class MergeConfig:
     )
     rescale: bool = help_field(
         "OBS methods: after pruning, scale each row of the kept task vector by the least-squares "
-        "factor that best reproduces X tau.",
+        "factor that best reproduces X tau (not the specification's `rescale`: that one is "
+        "dare_rescale).",
+        False,
+    )
+    dare_rescale: bool = help_field(
+        "OBS methods: divide the kept entries by the density after the solve (DARE's rescale, "
+        "the specification's `rescale`); always on for dare_sparsegpt and dare_sparsegpt_ties.",
         False,
     )
     block_size: int = help_field("OBS methods: columns solved together.", 128)
@@ -110,6 +117,17 @@ class MergeConfig:
             raise ValueError(
                 f"sparsity_profile 'owl' needs calibration activations: use it with an OBS method "
                 f"(sparsegpt_tv, sparsegpt_ties), not {self.method!r}"
+            )
+        rule = MERGE_METHODS[self.method]
+        if self.dare_rescale and rule.sparsify != "obs":
+            raise ValueError(
+                f"dare_rescale applies to OBS methods (sparsegpt_tv, sparsegpt_ties), not "
+                f"{self.method!r}: DARE methods rescale already, magnitude ones never do"
+            )
+        if self.rescale and (self.dare_rescale or rule.density_rescale):
+            raise ValueError(
+                "rescale (least-squares row scale) and DARE's 1/density rescale undo each other: "
+                "set rescale: false, or use sparsegpt_tv / sparsegpt_ties without dare_rescale"
             )
         if not isinstance(self.owl_m, int | float) or not self.owl_m > 0:
             raise ValueError(f"owl_m must be a positive number, got {self.owl_m!r}")

@@ -4,7 +4,9 @@ TIES / DARE as parameterisations of one method), plus SparseGPT-pruned task vect
 1. sparsify each task vector: keep all (task arithmetic), the largest |entries| (magnitude,
    TIES: "TIES-Merging", Yadav et al. 2023) or a random subset rescaled by 1/density (DARE:
    "Language Models are Super Mario", Yu et al. 2024) or an OBS solve with the layer-input
-   Hessian that keeps ``X tau`` close (SparseGPT, Frantar & Alistarh 2023, on the task vector);
+   Hessian that keeps ``X tau`` close (SparseGPT, Frantar & Alistarh 2023, on the task vector),
+   optionally divided by the density afterwards like DARE ("DARE with error correction":
+   SparseGPT chooses and corrects the kept entries, DARE's 1/density restores the scale);
 2. elect a sign per entry (TIES variants, on the unweighted task vectors);
 3. weight each task vector and combine: sum, or average the entries that agree with the
    elected sign (TIES' disjoint mean).
@@ -16,7 +18,7 @@ on the same tensors (and, for DARE, the same random stream).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -117,6 +119,8 @@ class ObsOptions:
     block_size: int = 128  # columns solved together (SparseGPT's lazy batch)
     damp: float = 0.01  # dampening, a fraction of mean(diag H), added before the Cholesky
     rescale: bool = False  # per-row least-squares scale of the kept entries afterwards
+    # DARE's rescale (the specification's `rescale`): divide the kept entries by the density
+    density_rescale: bool = False
 
 
 def prune_task_vector_obs(
@@ -133,6 +137,10 @@ def prune_task_vector_obs(
     Hessian ``hessian`` (``X^T X`` up to scale) so that ``X tau_pruned`` stays close to
     ``X tau``. ``row_groups`` stacks several layers that read the same input (their own
     ``(rows, sparsity)`` each). Returns a float32 tensor.
+
+    ``options.rescale`` scales each kept row by its least-squares factor;
+    ``options.density_rescale`` divides the result by ``density`` (DARE's rescale: with both
+    the least-squares fit is undone, so the config refuses the pair).
     """
     density = check_density(density)
     if task_vector.ndim != 2:
@@ -152,6 +160,8 @@ def prune_task_vector_obs(
     )
     if options.rescale:
         pruned = rescale_rows(task_vector, pruned, hessian)
+    if options.density_rescale and density < 1.0:
+        pruned = pruned / density
     return pruned
 
 
@@ -188,20 +198,25 @@ class MergeRule:
     sparsify: str  # one of SPARSIFIERS
     combine: Callable[[torch.Tensor, Sequence[float], str, bool], torch.Tensor]
     uses_signs: bool
+    density_rescale: bool = False  # kept entries divided by the density (DARE's rescale)
 
 
 MERGE_METHODS: dict[str, MergeRule] = {}
 
 
-def register_merge_method(name: str, sparsify: str, combine: str) -> MergeRule:
+def register_merge_method(
+    name: str, sparsify: str, combine: str, density_rescale: bool = False
+) -> MergeRule:
     """Add a merge method: a sparsifier (``SPARSIFIERS``) and a combination (``sum`` or
-    ``disjoint_mean``, TIES' sign-elected mean). Returns the rule."""
+    ``disjoint_mean``, TIES' sign-elected mean). ``density_rescale`` divides what a
+    deterministic sparsifier keeps by the density, as DARE does (the random sparsifier always
+    does). Returns the rule."""
     if sparsify not in SPARSIFIERS:
         raise ValueError(f"sparsify must be one of {list(SPARSIFIERS)}, got {sparsify!r}")
     combinations = {"sum": _sum, "disjoint_mean": _disjoint_mean}
     if combine not in combinations:
         raise ValueError(f"combine must be one of {sorted(combinations)}, got {combine!r}")
-    rule = MergeRule(sparsify, combinations[combine], combine == "disjoint_mean")
+    rule = MergeRule(sparsify, combinations[combine], combine == "disjoint_mean", density_rescale)
     MERGE_METHODS[name] = rule
     return rule
 
@@ -213,6 +228,10 @@ register_merge_method("dare_linear", "random", "sum")
 register_merge_method("dare_ties", "random", "disjoint_mean")
 register_merge_method("sparsegpt_tv", "obs", "sum")
 register_merge_method("sparsegpt_ties", "obs", "disjoint_mean")
+# DARE with error correction: SparseGPT selects and corrects the kept entries (instead of a
+# random draw), then DARE's 1/density rescale; summed like dare_linear or combined like dare_ties.
+register_merge_method("dare_sparsegpt", "obs", "sum", density_rescale=True)
+register_merge_method("dare_sparsegpt_ties", "obs", "disjoint_mean", density_rescale=True)
 
 
 def check_merge_method(method: str) -> MergeRule:
@@ -240,14 +259,18 @@ def sparsify(
     obs: ObsOptions = ObsOptions(),
 ) -> torch.Tensor:
     """Stage 1 of ``rule`` on one task vector. OBS falls back to magnitude trimming for tensors
-    without a Hessian (biases, norms, embeddings), at the same density."""
+    without a Hessian (biases, norms, embeddings), at the same density (and with the same
+    1/density rescale when the rule or ``obs.density_rescale`` asks for it)."""
     if rule.sparsify == "none":
         return task_vector
     if rule.sparsify == "random":
         return drop_random(task_vector, density, True, generator)
+    by_density = rule.density_rescale or obs.density_rescale
     if rule.sparsify == "obs" and hessian is not None:
-        return prune_task_vector_obs(task_vector, hessian, density, obs).to(task_vector.dtype)
-    return trim_magnitude(task_vector, density)
+        options = replace(obs, density_rescale=by_density)
+        return prune_task_vector_obs(task_vector, hessian, density, options).to(task_vector.dtype)
+    kept = trim_magnitude(task_vector, density)
+    return kept / density if by_density and density < 1.0 else kept
 
 
 def combine(

@@ -199,3 +199,71 @@ def test_clustering_separates_distinct_profiles(method):
     assert row_features.shape == (12 * 32, 4) and rows[0].endswith("[0]")
     with pytest.raises(ValueError, match="clustering method must be one of"):
         cluster_profiles(features, "spectral")
+
+
+def test_all_k_control_perturbs_every_candidate_once_per_target():
+    from hf_sparse.analysis.effects import EffectProbe
+    from hf_sparse.analysis.perturb import perturbed
+    from hf_sparse.analysis.perturbation_study import Target, perturbation_study
+
+    model = build_tiny_model("llama")
+    scores = {n: p.detach().abs() for n, p in model.named_parameters() if "mlp" in n}
+    windows = make_token_windows(n=2, length=12)
+    probe = EffectProbe(model, windows)
+    points = perturbation_study(
+        model, scores, windows, [8, 32], [("scale", 3.0)], [Target()], 1, probe, False
+    )
+    everything = {n: torch.ones(s.shape, dtype=torch.bool) for n, s in scores.items()}
+    with perturbed(model, everything, "scale", 3.0):
+        expected = probe.measure().to_dict()
+    total = sum(s.numel() for s in scores.values())
+    for point in points:
+        assert point.all_count == total
+        assert point.all_k == pytest.approx(expected)
+        assert point.all_k["kl"] > point.top["kl"]  # every weight x3 moves more than the top-k
+
+
+def test_cluster_perturbation_uses_the_clusters_top_entries_and_its_own_weights():
+    from hf_sparse.analysis.cluster_effects import _member_masks, cluster_perturbations
+    from hf_sparse.analysis.effects import EffectProbe
+
+    model = build_tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scores = {n: p.detach().abs() for n, p in model.named_parameters() if "proj" in n}
+    top = top_k_entries(scores, 40)
+    names = sorted(scores)
+    labels = names[:2] + [f"{names[2]}[0]", f"{names[2]}[1]"]
+    clusters = [0, 0, 1, 1]
+    shapes = {n: s.shape for n, s in scores.items()}
+    region = _member_masks(labels[2:], shapes)
+    assert int(region[names[2]].sum()) == 2 * shapes[names[2]][1]
+    probe = EffectProbe(model, make_token_windows(n=2, length=12))
+    rows = cluster_perturbations(model, top, shapes, labels, clusters, probe, "scale", 5.0, 2)
+    first = rows[0]
+    assert first["k"] == sum(int(top[n].sum()) for n in names[:2])
+    expected_second = int((top[names[2]][:2]).sum())
+    assert rows[1]["k"] == expected_second
+    assert ("skipped" in rows[1]) == (expected_second == 0)
+    assert first["k"] > 0 and first["top"]["kl"] > first["random_mean"]["kl"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_layer_correlation_matches_a_direct_pearson():
+    from hf_sparse.analysis.correlation import layer_correlation, layer_profiles
+
+    generator = torch.Generator().manual_seed(0)
+    scores = {}
+    for layer, scale in enumerate((1.0, 1.0, 100.0)):
+        for comp in ("self_attn.q_proj", "mlp.up_proj"):
+            spread = 3.0 if comp.startswith("mlp") and layer == 2 else 1.0
+            values = torch.rand(16, 16, generator=generator).pow(spread) * scale
+            scores[f"model.layers.{layer}.{comp}.weight"] = values
+    result = layer_correlation(scores)
+    layers, features, profiles = layer_profiles(scores)
+    assert result["layers"] == [0, 1, 2] and len(features) == profiles.shape[1] == 10
+    direct = torch.corrcoef(profiles)
+    torch.testing.assert_close(torch.tensor(result["pearson"], dtype=torch.float64), direct)
+    matrix = torch.tensor(result["pearson"])
+    assert matrix[0, 1] > matrix[0, 2]  # layers 0 and 1 are alike, layer 2 is not
+    with pytest.raises(ValueError, match="at least two decoder layers"):
+        layer_correlation({"model.layers.0.mlp.up_proj.weight": torch.rand(4, 4)})

@@ -61,3 +61,29 @@ def test_bad_settings():
         SensitivityConfig(every=0)
     with pytest.raises(TypeError, match="SensitivityConfig"):
         SensitivityCallback({"every": 1})
+
+
+@pytest.mark.slow  # two short training runs: ~6 s on a loaded 2-core machine
+def test_drift_alarm_logs_and_records_only_when_the_set_moves_more_than_asked(tmp_path, caplog):
+    def train(lr: float, **alarm) -> SensitivityCallback:
+        config = SensitivityConfig(metric="magnitude", top_k=2.0, steps=[0, 3, 6], **alarm)
+        callback = SensitivityCallback(config)
+        Trainer(
+            model=build_tiny_model("llama"), args=_args(tmp_path / str(lr), lr),
+            train_dataset=_data(), callbacks=[callback],
+        ).train()  # fmt: skip
+        return callback
+
+    with caplog.at_level("WARNING"):
+        moved = train(5e-2, max_jaccard_drift=0.0, min_spearman=1.0)
+    assert [e["step"] for e in moved.drift_events] == [3, 6]
+    assert moved.drift_events[0]["previous_step"] == 0
+    assert any(r.startswith("1 - Jaccard") for r in moved.drift_events[0]["reasons"])
+    assert moved.drift_events[0]["jaccard"] == pytest.approx(moved.drift["jaccard"][0][1])
+    assert "critical set drifted between steps 0 and 3" in caplog.text
+    saved = json.loads((tmp_path / "0.05" / "sensitivity_drift.json").read_text())
+    assert saved["drift_events"] == moved.drift_events
+    still = train(0.0, max_jaccard_drift=0.0, min_spearman=0.999)
+    assert still.drift_events == [] and still.drift["drift_events"] == []
+    with pytest.raises(ValueError, match=r"max_jaccard_drift must be in \[0.0, 1\]"):
+        SensitivityConfig(every=1, max_jaccard_drift=1.5)

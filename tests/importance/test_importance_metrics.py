@@ -35,7 +35,16 @@ def per_sample_grads(model, batch, name):
 @pytest.mark.parametrize("metric", sorted(IMPORTANCE_METRICS))
 def test_every_metric_gives_finite_scores_in_parameter_shape(arch, metric):
     model = build_tiny_model(arch)
-    scores = compute_importance(model, windows(), metric, show_progress=False)
+    params = None
+    if metric == "hessian_diag":  # one Hessian-vector product per entry: a small target
+        params = [
+            next(
+                n
+                for n, p in model.named_parameters()
+                if p.ndim == 1 and "layers" in n or ".h." in n
+            )
+        ]
+    scores = compute_importance(model, windows(), metric, params, show_progress=False)
     params = dict(model.named_parameters())
     assert scores and all(scores[n].shape == params[n].shape for n in scores)
     assert all(torch.isfinite(s).all() and s.dtype == torch.float32 for s in scores.values())
@@ -202,3 +211,45 @@ def test_hutchinson_runs_on_sdpa_attention():
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
     scores = compute_importance(model.eval(), windows(n=1), "hutchinson", ["q"], False, probes=1)
     assert all(torch.isfinite(s).all() for s in scores.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("metric", ["gradient", "fisher"])
+def test_chunked_loss_gradients_equal_whole_sample_gradients(arch, metric):
+    from hf_sparse.importance import loss_chunks
+
+    model = build_tiny_model(arch)
+    ids = make_token_windows(n=2, length=11, seed=3)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt without loss
+    batches = [{"input_ids": ids[i : i + 1], "labels": labels[i : i + 1]} for i in range(2)]
+    whole = compute_importance(model, batches, metric, show_progress=False)
+    with loss_chunks(3):
+        chunked = compute_importance(model, batches, metric, show_progress=False)
+    assert sorted(chunked) == sorted(whole)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk_size must be a positive number"), loss_chunks(0):
+        pass
+
+
+def test_exact_hessian_diagonal_matches_autograd_hessians_across_tensor_boundaries():
+    model = build_tiny_model("llama")
+    names = ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"]
+    batch = windows(n=2)
+    scores = compute_importance(model, batch, "hessian_diag", names, False, chunk=10)
+    params = dict(model.named_parameters())
+    for name in names:
+        exact = torch.zeros(params[name].shape, dtype=torch.float64)
+        for row in batch:
+
+            def loss_of(vector, row=row, name=name):
+                inputs = {"input_ids": row[None], "labels": row[None]}
+                return torch.func.functional_call(model, {name: vector}, (), inputs).loss
+
+            hessian = torch.autograd.functional.hessian(loss_of, params[name].detach().clone())
+            exact += hessian.diagonal().double()
+        expected = (exact / len(batch)).abs().float()
+        torch.testing.assert_close(scores[name], expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="above max_entries=10"):
+        compute_importance(model, batch, "hessian_diag", names, False, max_entries=10)

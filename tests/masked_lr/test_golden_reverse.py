@@ -14,6 +14,7 @@ from hf_sparse.masked_lr import (
     ReverseGoldenConfig,
     golden_masks,
     initial_state,
+    resolve_strategy,
     reverse_golden_masks,
 )
 from hf_sparse.masked_lr.reverse import KLProbe
@@ -134,9 +135,9 @@ def test_reverse_bad_input():
         ReverseGoldenConfig(scope="head")
 
 
-def run(strategy: str, rounds: int = 12, kl_fn=None, seed: int = 0):
-    state = initial_state(2.0, expansion=4.0, seed=seed)
-    step = FLUCTUATION_STRATEGIES[strategy]
+def run(strategy: str, rounds: int = 12, kl_fn=None, seed: int = 0, **knobs):
+    state = initial_state(2.0, expansion=4.0, seed=seed, **knobs)
+    step = FLUCTUATION_STRATEGIES[resolve_strategy(strategy)]
     percents, last, best = [], None, None
     for r in range(rounds):
         percent, state = step(state, r, last, best)
@@ -191,3 +192,74 @@ def test_chaos_is_aperiodic_but_seeded():
     b, _ = run("chaos", 25, seed=1)
     assert len({round(p, 9) for p in a}) > 20  # no short cycle
     assert a != b
+
+
+def test_strategy_names_are_the_specifications_and_short_spellings_resolve():
+    assert sorted(FLUCTUATION_STRATEGIES) == sorted(
+        [
+            "adaptive_sinusoidal",
+            "momentum_based",
+            "exploration_decay",
+            "harmonic_oscillator",
+            "chaos_driven",
+        ]
+    )
+    assert ReverseGoldenConfig(strategy="momentum").strategy == "momentum_based"
+    assert ReverseGoldenConfig(strategy="chaos").strategy == "chaos_driven"
+    with pytest.raises(ValueError, match="unknown strategy 'sine'.*also accepted"):
+        ReverseGoldenConfig(strategy="sine")
+
+
+@pytest.mark.parametrize("strategy", sorted(FLUCTUATION_STRATEGIES))
+def test_fluctuation_amplitude_bounds_every_strategy(strategy):
+    full, state = run(strategy, 30, kl_fn=lambda p: -abs(p - 5.0))
+    half, _ = run(strategy, 30, kl_fn=lambda p: -abs(p - 5.0), amplitude=0.25)
+    assert all(abs(p - state.center) <= 0.25 * state.half_width + 1e-9 for p in half)
+    assert max(abs(p - state.center) for p in full) > 0.25 * state.half_width
+
+
+def test_fluctuation_frequency_sets_the_period():
+    constant = dict(kl_fn=lambda p: 1.0)  # never better, never worse than the best
+    slow, state = run("adaptive_sinusoidal", 8, frequency=0.125, **constant)
+    fast, _ = run("adaptive_sinusoidal", 8, frequency=0.5, **constant)
+    signs = lambda ps: [p > state.center for p in ps]  # noqa: E731
+    crossings = lambda ps: sum(a != b for a, b in zip(signs(ps), signs(ps)[1:], strict=False))  # noqa: E731
+    assert crossings(fast) > crossings(slow)
+    stiff, _ = run("harmonic_oscillator", 6, frequency=0.5)
+    soft, _ = run("harmonic_oscillator", 6, frequency=0.1)
+    assert min(stiff[:3]) < state.center < min(soft[:3])  # the stiffer spring crosses first
+    for bad in ({"fluctuation_amplitude": 0.0}, {"fluctuation_amplitude": 1.5}):
+        with pytest.raises(ValueError, match="fluctuation_amplitude must be in"):
+            ReverseGoldenConfig(**bad)
+    with pytest.raises(ValueError, match="fluctuation_frequency must be > 0"):
+        ReverseGoldenConfig(fluctuation_frequency=-1)
+
+
+def test_chunked_scoring_and_batched_kl_give_the_same_masks():
+    model = build_tiny_model("llama")
+    data = examples(10)
+    plain = golden_masks(model, GoldenConfig(top_k_percent=30, num_samples=4), data, None, False)
+    chunked = golden_masks(
+        model, GoldenConfig(top_k_percent=30, num_samples=4, chunk_size=4), data, None, False
+    )
+    assert chunked.masks == plain.masks
+    held_out = [{"input_ids": w[None, : 6 + i]} for i, w in enumerate(make_token_windows(3, 12))]
+    masks = plain.masks
+    one = KLProbe(model, held_out, batch_size=1).kl_with_zeroed(masks)
+    three = KLProbe(model, held_out, batch_size=3).kl_with_zeroed(masks)  # padded batch
+    assert one > 0 and three == pytest.approx(one, rel=1e-4)
+    config = dict(target_percent=5.0, num_samples=4, eval_samples=3, rounds=3)
+    a = reverse_golden_masks(model, ReverseGoldenConfig(**config), data, None, None, False)
+    b = reverse_golden_masks(
+        model,
+        ReverseGoldenConfig(**config, chunk_size=5, batch_size=2),
+        data,
+        None,
+        None,
+        False,
+    )
+    assert a.masks == b.masks and b.kl == pytest.approx(a.kl, rel=1e-4)
+    with pytest.raises(ValueError, match="chunk_size applies to the gradient metrics"):
+        GoldenConfig(metric="hutchinson", chunk_size=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        ReverseGoldenConfig(batch_size=0)

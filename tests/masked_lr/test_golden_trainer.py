@@ -157,3 +157,41 @@ def test_golden_params_on_raw_examples_name_the_fix(tmp_path):
     )
     with pytest.raises(ValueError, match="no 'input_ids'.*prompt_fn="):
         trainer.get_golden_params(GoldenConfig(num_samples=1), dataset=[{"text": "raw"}])
+
+
+def test_reverse_golden_params_through_the_trainer(tmp_path):
+    """The mixin's reverse path: held-out samples default to the trainer's eval dataset and
+    equal a direct call on the same sets; the result trains like any mask."""
+    from hf_sparse.masked_lr import ReverseGoldenConfig, reverse_golden_masks
+
+    model = build_tiny_model("llama")
+    train, held_out = examples(8, seed=0), examples(3, seed=5)
+    trainer = GoldenParamsTrainer(
+        model=model,
+        args=tiny_training_args(tmp_path, max_steps=2),
+        train_dataset=train,
+        eval_dataset=held_out,
+    )
+    config = ReverseGoldenConfig(
+        target_percent=2.0, num_samples=4, eval_samples=3, rounds=4, strategy="chaos"
+    )
+    result = trainer.get_reverse_golden_params(config, show_progress=False)
+    direct = reverse_golden_masks(model, config, train, None, held_out, show_progress=False)
+    assert result.masks == direct.masks and result.kl == pytest.approx(direct.kl)
+    assert result.settings["eval_samples"] == 3 and result.settings["strategy"] == "chaos_driven"
+    total = sum(p.numel() for n, p in model.named_parameters() if n in result.masks)
+    assert result.masks.count() == round(0.02 * total) and result.kl > 0
+    other = trainer.get_reverse_golden_params(
+        config, eval_dataset=examples(3, seed=9), show_progress=False
+    )
+    assert other.kl != pytest.approx(result.kl)  # another held-out set, another KL
+    before = snapshot(model)
+    trainer.set_masked_lr(result.masks)
+    trainer.train()
+    after = snapshot(model)
+    for name, mask in result.masks.items():
+        assert torch.equal(after[name][~mask], before[name][~mask])
+    with pytest.raises(ValueError, match="no dataset"):
+        GoldenParamsTrainer(
+            model=model, args=tiny_training_args(tmp_path)
+        ).get_reverse_golden_params(config)

@@ -213,3 +213,44 @@ def test_trainer_trains_only_masked_entries(tmp_path):
         assert torch.equal(after[name][~mask], before[name][~mask]), name
         assert (after[name][mask] != before[name][mask]).float().mean() > 0.9, name
     assert not torch.equal(after["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_absolute_rates_inside_and_outside_equal_adamw_at_those_rates():
+    params = make_params()
+    inside_ref, outside_ref = clone(params), clone(params)
+    masks = random_masks(params)
+    kwargs = dict(weight_decay=0.1)
+    optimizer = MaskedAdamW(
+        params, lr=1e-2, masks=masks, masked_lr=3e-2, unmasked_lr=2e-3, **kwargs
+    )
+    run(optimizer, params)
+    run(torch.optim.AdamW(inside_ref, lr=3e-2, **kwargs), inside_ref)
+    run(torch.optim.AdamW(outside_ref, lr=2e-3, **kwargs), outside_ref)
+    for p, inside, outside in zip(params, inside_ref, outside_ref, strict=True):
+        mask = masks[p]
+        torch.testing.assert_close(p[mask], inside[mask], rtol=0, atol=1e-6)
+        torch.testing.assert_close(p[~mask], outside[~mask], rtol=0, atol=1e-6)
+    info = optimizer.get_lr_info()
+    assert len(info) == 1 and info[0]["masked_params"] == 2
+    assert info[0]["masked_lr"] == pytest.approx(3e-2) and info[0]["unmasked_lr"] == pytest.approx(
+        2e-3
+    )
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert info[0]["mask_density"] == pytest.approx(kept / sum(m.numel() for m in masks.values()))
+    for group in optimizer.param_groups:  # a scheduler halving lr halves both rates
+        group["lr"] *= 0.5
+    assert optimizer.get_lr_info()[0]["masked_lr"] == pytest.approx(1.5e-2)
+
+
+def test_lr_info_per_group_and_absolute_rate_errors():
+    params = make_params()
+    masks = {params[0]: random_masks(params)[params[0]]}
+    groups = [{"params": [params[0]], "masked_lr": 1e-3}, {"params": [params[1]], "lr": 5e-3}]
+    info = MaskedAdamW(groups, lr=1e-2, masks=masks).get_lr_info()
+    assert [i["masked_params"] for i in info] == [1, 0]
+    assert info[0]["masked_lr"] == pytest.approx(1e-3) and info[0]["unmasked_lr"] == 0.0
+    assert info[1]["lr"] == 5e-3 and info[1]["mask_density"] is None
+    with pytest.raises(ValueError, match="masked_lr of param group 0 must be finite and >= 0"):
+        MaskedAdamW(make_params(), masked_lr=-1.0)
+    with pytest.raises(ValueError, match="needs a group lr > 0"):
+        MaskedAdamW(make_params(), lr=0.0, unmasked_lr=1e-3)

@@ -194,3 +194,24 @@ def test_sparsegpt_tv_with_owl_keeps_each_task_density_exact(saved_family, arch)
     assert uniform.sparsity_profile == "uniform"
     with pytest.raises(ValueError, match="OBS method"):
         MergeConfig("ties", density=0.3, sparsity_profile="owl")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"method": "dare_sparsegpt"}, {"method": "sparsegpt_tv", "dare_rescale": True}],
+)
+def test_dare_sparsegpt_merge_is_the_sparsegpt_merge_divided_by_the_density(saved_family, settings):
+    base, _, folders = saved_family("llama", 2)
+    windows = [make_token_windows(n=4, length=16, seed=s) for s in (1, 2)]
+
+    def run(**config):
+        model = build_tiny_model("llama")
+        model.load_state_dict(base.state_dict())
+        config = MergeConfig(density=0.3, sequential=False, **config)
+        return merge_(model, config, folders, calibration=windows, show_progress=False)
+
+    plain, dare = run(method="sparsegpt_tv"), run(**settings)
+    assert sorted(dare.deltas) == sorted(plain.deltas)
+    for name, delta in dare.deltas.items():  # OBS-solved linears and magnitude-trimmed others
+        torch.testing.assert_close(delta, plain.deltas[name] / 0.3, rtol=1e-5, atol=1e-6)
+    assert dare.model.config.merging["method"] == settings["method"]

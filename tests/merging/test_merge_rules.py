@@ -157,3 +157,50 @@ def test_normalize_divides_by_the_contributing_weights():
         merge_task_vectors(tvs, ones, "ties", 0.5, normalize=True),
         merge_task_vectors(tvs, ones, "ties", 0.5),
     )
+
+
+@pytest.mark.parametrize(
+    "method,combine", [("dare_sparsegpt", "sum"), ("dare_sparsegpt_ties", "ties")]
+)
+def test_dare_with_error_correction_is_sparsegpt_divided_by_the_density(method, combine):
+    """The specification's DARE with ``use_sparsegpt=True``: OBS chooses and corrects the kept
+    entries, then DARE's 1/density rescale; without a Hessian, magnitude trim then 1/density."""
+    from hf_sparse.merging import ObsOptions, prune_task_vector_obs
+
+    x = _correlated_inputs(seed=4)
+    hessian = x.t() @ x / x.shape[0]
+    tvs = [t * 0.01 for t in task_vectors(shape=(16, 48), seed=5)]
+    density = 0.25
+    obs = [prune_task_vector_obs(t, hessian, density) for t in tvs]
+    rescaled = [
+        prune_task_vector_obs(t, hessian, density, ObsOptions(density_rescale=True)) for t in tvs
+    ]
+    for plain, scaled in zip(obs, rescaled, strict=True):
+        torch.testing.assert_close(scaled, plain / density)
+        assert (scaled != 0).float().mean().item() == pytest.approx(density, abs=0.01)
+    merged = merge_task_vectors(tvs, WEIGHTS, method, density, hessians=hessian)
+    if combine == "sum":
+        expected = sum(w * s for w, s in zip(WEIGHTS, rescaled, strict=True))
+    else:
+        expected = merge_task_vectors(rescaled, WEIGHTS, "ties", 1.0)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-7)
+    bias = torch.tensor([0.4, -0.1, 0.02, -2.0])
+    from hf_sparse.merging.core import MERGE_METHODS, sparsify
+
+    kept = sparsify(bias, MERGE_METHODS[method], 0.5)
+    assert kept.tolist() == pytest.approx([0.8, 0.0, 0.0, -4.0])
+    with pytest.raises(ValueError, match="needs layer-input Hessians"):
+        merge_task_vectors(tvs, WEIGHTS, method, density)
+
+
+def test_dare_rescale_and_least_squares_rescale_are_distinct_config_fields():
+    from hf_sparse.merging import MergeConfig
+
+    assert MergeConfig("sparsegpt_tv", density=0.2, dare_rescale=True).dare_rescale
+    assert MergeConfig("sparsegpt_tv", density=0.2, rescale=True).rescale
+    with pytest.raises(ValueError, match="undo each other"):
+        MergeConfig("dare_sparsegpt", density=0.2, rescale=True)
+    with pytest.raises(ValueError, match="undo each other"):
+        MergeConfig("sparsegpt_tv", density=0.2, rescale=True, dare_rescale=True)
+    with pytest.raises(ValueError, match="dare_rescale applies to OBS methods"):
+        MergeConfig("ties", density=0.2, dare_rescale=True)
