@@ -7,6 +7,7 @@
     python benchmarks/basis_sharing_bench.py recovery --ratio 0.4 --recovery lora --lr 2e-4
     python benchmarks/basis_sharing_bench.py dynamic --ratio 0.4 --setting g2
     python benchmarks/basis_sharing_bench.py throughput --ratio 0.4 --setting g2-kvdown-refit
+    python benchmarks/basis_sharing_bench.py dynamic_speed --ratio 0.4 --setting g4-down-refit
 
 ``compress``: perplexity of plain SVD, per-layer whitened SVD (group of 1, SVD-LLM) and Basis
 Sharing with groups of 2 and 4, each before and after the coefficient update, with parameter
@@ -14,6 +15,12 @@ counts of the targeted matrices and adapter file sizes. The dense model's ``X^T 
 collected once (64 x 512 calibration windows, seed 0) and cached under ``--out``; every setting
 reuses them. The coefficient update re-collects statistics of each compressed model on the first
 ``--update-windows`` calibration windows. Rows are written to JSON as they finish.
+
+``dynamic_speed``: tokens/s of the compressed model under each dynamic-rank strategy and energy
+(factors sliced to the active rank) against the same model at full rank and the dense model,
+interleaved round by round (so load drifts hit every row alike), with the perplexity, the mean
+active rank and the layer-output energy kept (``||C_j||^2 sigma_j^2`` of the used directions);
+rank-mask heatmaps are written beside the JSON.
 
 ``errors``: no perplexity; per role and ratio, the relative whitened error of each layer (on its
 own ``X^T X``) when private (group of 1) or shared in groups of ``--groups``, with the SVD's
@@ -431,8 +438,14 @@ def errors_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+GENERATE_PROMPT = 32  # generation starts from the first 32 tokens of the prefill window
+
+
 @torch.no_grad()
 def speed(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Prefill: one cache-free forward over all of ``ids``. Generate: ``new_tokens`` greedy
+    tokens with the KV cache after a ``GENERATE_PROMPT``-token prompt, the prompt's own
+    prefill inside the timed span."""
     prefill, decode = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -440,11 +453,12 @@ def speed(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
         prefill.append(ids.numel() / (time.perf_counter() - start))
         start = time.perf_counter()
         out = model.generate(
-            input_ids=ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]),
+            input_ids=ids[:, :GENERATE_PROMPT],
+            attention_mask=torch.ones_like(ids[:, :GENERATE_PROMPT]),
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             pad_token_id=0,
         )  # fmt: skip
-        decode.append((out.shape[1] - 32) / (time.perf_counter() - start))
+        decode.append((out.shape[1] - GENERATE_PROMPT) / (time.perf_counter() - start))
     return {
         "prefill_tok_s": statistics.median(prefill),
         "generate_tok_s": statistics.median(decode),
@@ -466,13 +480,98 @@ def part_throughput(args, meta) -> dict:
 
     plain = unload_factorized(peft_model).eval()
     factorized = speed(plain, ids, 64, args.repeats)
-    record = {**meta, "ratio": args.ratio, "setting": args.setting, "prompt_tokens": ids.numel(),
-              "new_tokens": 64, "dense": dense, "compressed_peft": comp,
+    record = {**meta, "ratio": args.ratio, "setting": args.setting, "prefill_tokens": ids.numel(),
+              "generate_prompt_tokens": GENERATE_PROMPT, "new_tokens": 64, "dense": dense,
+              "compressed_peft": comp,
               "compressed_factorized": factorized, "dense_params": dense_params,
               "compressed_params": compressed_params}  # fmt: skip
     write(args, "throughput", record)
     print(json.dumps(record, indent=2))
     return record
+
+
+DYNAMIC_RUNS = [  # (label, strategy, energy, max_rank, reorder)
+    ("full rank", "baseline", 1.0, None, False),
+    ("global_static 0.99", "global_static", 0.99, None, False),
+    ("global_static 0.95", "global_static", 0.95, None, False),
+    ("global_static 0.90", "global_static", 0.90, None, False),
+    ("global_static 0.95 reordered", "global_static", 0.95, None, True),
+    ("prompt_adaptive 0.95", "prompt_adaptive", 0.95, None, False),
+    ("prompt_adaptive 0.95 reordered", "prompt_adaptive", 0.95, None, True),
+    ("global_static 1.0, max_basis_rank 128", "global_static", 1.0, 128, False),
+]
+
+
+def kept_energy(model, report) -> float:
+    """Mean over layers of the share of ``||C_j||^2 sigma_j^2`` in the directions used."""
+    sigmas = model.base_model.basis_sharing_sigmas["default"]
+    masks = report.rank_masks()
+    shares = []
+    for name, layer in model.base_model.layers("default").items():
+        score = layer.basis_sharing_coefficient["default"].detach().double().pow(2).sum(0)
+        score = score * sigmas[layer.basis_sharing_key["default"]].double().pow(2)
+        shares.append(float((masks[name] * score).sum() / score.sum()))
+    return sum(shares) / len(shares)
+
+
+def part_dynamic_speed(args, meta) -> dict:
+    from hf_sparse.basis_sharing.plots import plot_rank_masks
+
+    dense, tokenizer = load_model_and_tokenizer(args.model)
+    dense.eval()
+    calib, evaluation = windows(args, tokenizer)
+    stats = dense_stats(args, dense, calib)
+    model = compressed(args, stats, args.ratio, args.setting, False, calib)
+    ids = evaluation[:1]
+    rows = {label: {"label": label, "strategy": strategy, "energy": energy, "max_rank": cap,
+                    "reorder": reorder, "prefill": [], "generate": []}
+            for label, strategy, energy, cap, reorder in DYNAMIC_RUNS}  # fmt: skip
+    rows["dense"] = {"label": "dense", "prefill": [], "generate": []}
+    for round_ in range(args.repeats):  # interleaved: every row once per round
+        for label, strategy, energy, cap, reorder in [("dense", None, 0, 0, 0), *DYNAMIC_RUNS]:
+            if strategy is None:
+                timing = speed(dense, ids, 32, 1)
+            else:
+                with dynamic_rank(model, strategy, energy, cap, reorder):
+                    timing = speed(model, ids, 32, 1)
+            rows[label]["prefill"].append(timing["prefill_tok_s"])
+            rows[label]["generate"].append(timing["generate_tok_s"])
+            log(f"round {round_} {label}: {timing}")
+    rows["dense"]["ppl"] = ppl(dense, evaluation)
+    for label, strategy, energy, cap, reorder in DYNAMIC_RUNS:
+        with dynamic_rank(model, strategy, energy, cap, reorder) as report:
+            rows[label]["ppl"] = ppl(model, evaluation)
+        rows[label].update(report.to_dict())
+        rows[label]["kept_energy"] = kept_energy(model, report)
+        name = label.replace(" ", "_").replace(",", "")
+        plot_rank_masks(report.rank_masks(), args.out / f"basis_sharing_rank_masks_{name}.png",
+                        title=f"{args.setting} {args.ratio:.0%}: {label}")  # fmt: skip
+        log(f"{label}: ppl {rows[label]['ppl']:.2f}")
+    for row in rows.values():
+        row["prefill_tok_s"] = statistics.median(row.pop("prefill"))
+        row["generate_tok_s"] = statistics.median(row.pop("generate"))
+    record = {**meta, "ratio": args.ratio, "setting": args.setting, "prefill_tokens": ids.numel(),
+              "generate_prompt_tokens": GENERATE_PROMPT, "new_tokens": 32,
+              "load_average_at_end": os.getloadavg(), "rows": list(rows.values())}  # fmt: skip
+    write(args, "dynamic_speed", record)
+    print(dynamic_speed_table(record))
+    return record
+
+
+def dynamic_speed_table(record: dict) -> str:
+    full = next(r for r in record["rows"] if r["label"] == "full rank")
+    lines = [
+        "| run | mean active rank / k | layer-output energy kept | ppl | prefill tok/s | "
+        "generate tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        rank = f"{row['mean_fraction']:.3f}" if "mean_fraction" in row else "(dense)"
+        energy = f"{row['kept_energy']:.4f}" if "kept_energy" in row else "-"
+        pre = f"{row['prefill_tok_s']:.1f} ({row['prefill_tok_s'] / full['prefill_tok_s']:.2f}x)"
+        gen = f"{row['generate_tok_s']:.2f} ({row['generate_tok_s'] / full['generate_tok_s']:.2f}x)"
+        lines.append(f"| {row['label']} | {rank} | {energy} | {row['ppl']:.2f} | {pre} | {gen} |")
+    return "\n".join(lines)
 
 
 PARTS = {
@@ -481,6 +580,7 @@ PARTS = {
     "recovery": part_recovery,
     "dynamic": part_dynamic,
     "throughput": part_throughput,
+    "dynamic_speed": part_dynamic_speed,
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,10 +76,14 @@ def run_lm(args: argparse.Namespace) -> dict:
     if args.lm_steps is not None:
         experiment.train.steps = args.lm_steps
         experiment.train.logging_steps = max(1, args.lm_steps // 5)
-    output_dir = Path(args.output_root) / "smollm2" if args.output_root else None
-    start = time.perf_counter()
+    output_dir = Path(args.output_root) / experiment.name if args.output_root else None
+    start, cpu_start = time.perf_counter(), time.process_time()
     results = run_lm_decomposition(experiment, output_dir, overwrite=True)
     results["wall_s"] = time.perf_counter() - start
+    results["process_cpu_s"] = time.process_time() - cpu_start  # wall is skewed on a shared box
+    results["load_average_at_end"] = os.getloadavg()
+    results["steps"] = experiment.train.steps
+    results["spd_wall_s_per_step"] = results["timings"]["spd_train_s"] / experiment.train.steps
     metrics = results["metrics"]
     print(f"\n== {args.lm_recipe} ({experiment.train.steps} steps) ==")
     for mode, kl in metrics["kl"].items():
@@ -90,6 +95,8 @@ def run_lm(args: argparse.Namespace) -> dict:
         print(_row(key, value))
     print(_row("clusters (co-activation)", metrics["n_clusters"]))
     print(_row("wall time (s)", f"{results['wall_s']:.1f}"))
+    print(_row("process CPU time (s)", f"{results['process_cpu_s']:.1f}"))
+    print(_row("SPD wall s / step", f"{results['spd_wall_s_per_step']:.2f}"))
     return results
 
 
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         report["runs"][name] = run_toy(name, args)
     if args.lm:
-        report["runs"]["smollm2"] = run_lm(args)
+        report["runs"][Path(args.lm_recipe).stem] = run_lm(args)
     for run in report["runs"].values():  # the per-feature CI matrices stay in the run folders
         run.get("metrics", {}).pop("ci_one_hot", None)
     Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -36,6 +36,8 @@ _DATASET_TITLES = {
     "hellaswag": "HellaSwag",
     "alpaca": "Alpaca",
     "tinystories": "TinyStories",
+    "ptb": "Penn Treebank",
+    "c4": "C4 (en)",
 }
 # The local copies in the shared data folder come from these splits of the Hub sets.
 _LOCAL_SPLITS = {"wikitext2": "test", "lambada": "test", "alpaca": "train", "tinystories": "train"}
@@ -52,8 +54,8 @@ def dataset_ref(source: Any, use: str = "evaluation") -> DatasetRef | None:
         if source.count("/") == 1 and not Path(source).exists():  # a Hub dataset id
             return DatasetRef(source, source, None, "test" if use == "evaluation" else "train")
         return DatasetRef(Path(source).name, None, None, "local file")
-    if data_dir() is not None:
-        split = _LOCAL_SPLITS.get(source, "train")
+    if data_dir() is not None and source in _LOCAL_SPLITS:
+        split = _LOCAL_SPLITS[source]
     else:
         split = named.hub_splits[use != "calibration"]
     return DatasetRef(_DATASET_TITLES.get(source, source), named.hub[0], named.hub[1], split)

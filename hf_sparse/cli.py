@@ -7,7 +7,7 @@ hf-sparse mask golden|reverse|score MODEL [--top-k-percent 5] --output-dir DIR
 hf-sparse merge RECIPE.yaml [--output-dir DIR]
 hf-sparse analyze RECIPE.yaml | MODEL --metric fisher --top-k 1000 --output-dir DIR
 hf-sparse compress [RECIPE.yaml] [--model M --ratio 0.2] --output-dir DIR
-hf-sparse decompose tms_5-2 | RECIPE.yaml [--output-dir DIR]
+hf-sparse decompose tms_5-2[,resid_mlp1,...] | RECIPE.yaml [--output-dir DIR]
 hf-sparse eval DIR [--base B] [--dataset wikitext2] [--num-windows 32] [--tasks lambada,hellaswag]
 hf-sparse push DIR --repo-id NAMESPACE/NAME [--dry-run] [--private] [--revision BRANCH]
 
@@ -334,6 +334,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
+    from .spd.pipeline import experiment_names
+
+    names = None if _is_recipe_file(args.target) else experiment_names(args.target)
+    if names is not None:
+        return _decompose_several(names, args)
     data = _read(args.target) if _is_recipe_file(args.target) else {"experiment": args.target}
     if args.blocks is not None and "experiment" in data:
         raise ValueError(
@@ -344,6 +349,22 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     if args.no_plots:
         data["plots"] = False
     return _run(data, args, "spd")
+
+
+def _decompose_several(names: list[str], args: argparse.Namespace) -> int:
+    """``decompose a,b``: each experiment with the same flags, into ``--output-dir/<name>``."""
+    from .spd.pipeline import prepare_experiments, run_spd_recipe, summarize
+
+    recipes = []
+    for name in names:
+        data: dict[str, Any] = {"experiment": name}
+        apply_flags(data, args, _decompose_flags())
+        if args.no_plots:
+            data["plots"] = False
+        recipes.append(data)
+    for recipe in prepare_experiments(recipes, args.output_dir, args.overwrite):
+        print(summarize(run_spd_recipe(recipe, overwrite=args.overwrite)))
+    return 0
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
@@ -481,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("decompose", "stochastic parameter decomposition (SPD)", cmd_decompose)
     p.add_argument("target", metavar="EXPERIMENT|RECIPE.yaml",
-                   help=f"a toy experiment ({', '.join(EXPERIMENTS)}) or a recipe")  # fmt: skip
+                   help=f"a toy experiment ({', '.join(EXPERIMENTS)}), several separated by "
+                   "commas (each into --output-dir/NAME), or a recipe")  # fmt: skip
     _add_flags(p, _decompose_flags())
     p.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
     _add_output_flags(p)

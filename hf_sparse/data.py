@@ -1,9 +1,17 @@
 """Calibration and evaluation text: named sets, local files, Hub datasets; token windows.
 
 Resolution, so the same code serves users everywhere: an explicit path wins; a named set
-(``wikitext2``, ``lambada``, ``hellaswag``, ``alpaca``, ``tinystories``) resolves to a local
+(``wikitext2``, ``ptb``, ``c4``, ``lambada``, ``alpaca``, ``tinystories``) resolves to a local
 copy when ``HF_SPARSE_DATA_DIR`` is set or ``../shared/data`` exists beside the checkout (or
 the working directory), and otherwise to its Hub dataset through ``datasets.load_dataset``.
+
+Local copies of ``ptb`` and ``c4`` (not shipped in ``shared/data``; put them there yourself):
+
+- ``ptb/ptb.train.txt`` (calibration) and ``ptb/ptb.test.txt`` (evaluation): the Penn Treebank
+  language-modelling text of Mikolov et al. as distributed, one sentence per line.
+- ``c4/c4-train.00000-of-01024.json`` (calibration) and ``c4/c4-validation.00000-of-00008.json``
+  (evaluation): the first shards of the ``en`` variant of allenai/c4, decompressed, one JSON
+  record per line with a ``text`` field (the shards SparseGPT and Wanda calibrate on).
 """
 
 from __future__ import annotations
@@ -26,6 +34,17 @@ class NamedDataset:
     hub: tuple[str, str | None]  # (path, config name) for datasets.load_dataset
     hub_splits: tuple[str, str]  # (calibration split, evaluation split)
     text_field: str = "text"
+    # Files inside the Hub repo, one per split, for sets too large to load whole (C4); None loads
+    # the named config's splits.
+    hub_data_files: tuple[str, str] | None = None
+    separator: str = "\n\n"  # between records of the Hub copy (PTB's local file: one per line)
+
+    def hub_source(self, split: str) -> tuple[str, str | None, str, str, dict | None]:
+        """``(path, config, split, text field, data_files)`` of the Hub copy of ``split``."""
+        index = int(split != "calibration")
+        hub_split = self.hub_splits[index]
+        files = None if self.hub_data_files is None else {hub_split: self.hub_data_files[index]}
+        return self.hub[0], self.hub[1], hub_split, self.text_field, files
 
 
 NAMED_DATASETS: dict[str, NamedDataset] = {
@@ -34,6 +53,24 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
         "wikitext-2-raw/wiki.test.raw",
         ("Salesforce/wikitext", "wikitext-2-raw-v1"),
         ("validation", "test"),
+    ),
+    "ptb": NamedDataset(
+        "ptb/ptb.train.txt",
+        "ptb/ptb.test.txt",
+        ("ptb-text-only/ptb_text_only", "penn_treebank"),
+        ("train", "test"),
+        text_field="sentence",
+        separator="\n",
+    ),
+    "c4": NamedDataset(
+        "c4/c4-train.00000-of-01024.json",
+        "c4/c4-validation.00000-of-00008.json",
+        ("allenai/c4", None),
+        ("train", "validation"),
+        hub_data_files=(
+            "en/c4-train.00000-of-01024.json.gz",
+            "en/c4-validation.00000-of-00008.json.gz",
+        ),
     ),
     "lambada": NamedDataset(
         "lambada/lambada_test.jsonl",
@@ -69,11 +106,13 @@ def data_dir() -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
-def _records_to_text(records: list[dict], text_field: str, source: str) -> str:
+def _records_to_text(
+    records: list[dict], text_field: str, source: str, separator: str = "\n\n"
+) -> str:
     if not records:
         raise ValueError(f"{source} holds no records")
     if text_field in records[0]:
-        return "\n\n".join(str(r[text_field]) for r in records)
+        return separator.join(str(r[text_field]) for r in records)
     if {"instruction", "output"} <= set(records[0]):  # Alpaca-style records
         return "\n\n".join(
             "\n".join(str(r[k]) for k in ("instruction", "input", "output") if r.get(k))
@@ -124,9 +163,7 @@ def load_text(
         filename = named.calibration_file if split == "calibration" else named.evaluation_file
         if local is not None and (local / filename).exists():
             return read_text_file(local / filename, named.text_field)
-        return _load_hub_text(
-            named.hub[0], named.hub[1], named.hub_splits[split != "calibration"], named.text_field
-        )
+        return _load_hub_text(*named.hub_source(split), named.separator)
     _check_hub_dataset_id(source)
     return _load_hub_text(source, None, "train" if split == "calibration" else "test", text_field)
 
@@ -164,18 +201,27 @@ def _check_hub_dataset_id(source: str) -> None:
         )
 
 
-def _load_hub_text(path: str, name: str | None, split: str, text_field: str) -> str:
+def _load_hub_text(
+    path: str,
+    name: str | None,
+    split: str,
+    text_field: str,
+    data_files: dict | None = None,
+    separator: str = "\n\n",
+) -> str:
     import datasets
 
+    extra = {"data_files": data_files} if data_files is not None else {}
     try:
-        table = datasets.load_dataset(path, name, split=split)
+        table = datasets.load_dataset(path, name, split=split, **extra)
     except Exception as error:  # network or name problems: say what was tried
+        files = f", files {sorted(data_files.values())}" if data_files else ""
         raise ValueError(
-            f"could not load Hub dataset {path!r} (config {name!r}, split {split!r}): {error}. "
-            f"Offline? Pass a local file, set HF_SPARSE_DATA_DIR, or use one of "
+            f"could not load Hub dataset {path!r} (config {name!r}, split {split!r}{files}): "
+            f"{error}. Offline? Pass a local file, set HF_SPARSE_DATA_DIR, or use one of "
             f"{sorted(NAMED_DATASETS)} with a local data folder."
         ) from error
-    return _records_to_text(table.to_list(), text_field, f"{path}:{split}")
+    return _records_to_text(table.to_list(), text_field, f"{path}:{split}", separator)
 
 
 def _read_records_file(path: Path) -> list[dict]:
@@ -215,8 +261,11 @@ def load_records(source: str | os.PathLike, limit: int | None = None) -> list[di
         import datasets
 
         hub, config = named.hub if named is not None else (source, None)
+        extra = {}
+        if named is not None and named.hub_data_files is not None:
+            extra = {"data_files": {"train": named.hub_data_files[0]}}
         try:
-            records = datasets.load_dataset(hub, config, split="train").to_list()
+            records = datasets.load_dataset(hub, config, split="train", **extra).to_list()
         except Exception as error:
             raise ValueError(
                 f"could not load records of {source!r} from the Hub: {error}. Offline? Pass a "

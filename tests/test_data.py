@@ -267,7 +267,7 @@ def test_data_dir_env_override(tmp_path, monkeypatch):
 def test_named_dataset_without_local_copy_goes_to_hub(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setenv("HF_SPARSE_DATA_DIR", str(tmp_path))  # a folder without the file
-    monkeypatch.setattr(data, "_load_hub_text", lambda *args: calls.append(args) or "hub text")
+    monkeypatch.setattr(data, "_load_hub_text", lambda *args: calls.append(args[:4]) or "hub text")
     assert load_text("wikitext2", "evaluation") == "hub text"
     assert load_text("lambada", "calibration") == "hub text"
     assert calls == [
@@ -319,3 +319,101 @@ def test_calibration_windows_wikitext2(word_tokenizer):
     assert windows.shape == (3, 32)
     assert int(windows.min()) >= 0 and int(windows.max()) < 128
     assert torch.equal(windows, random_windows(tokenize(tokenizer, text), 3, 32, seed=0))
+
+
+# --------------------------------------------------------------------------- ptb and c4
+
+PTB_TRAIN = " aer banknote berlitz calloway \n pierre <unk> N years old will join the board \n"
+PTB_TEST = " no it was n't black monday \n but while the new york stock exchange did n't fall \n"
+
+
+def _c4_records(prefix: str, count: int) -> str:
+    rows = [
+        {"text": f"{prefix} document {i}.", "timestamp": "2019", "url": "u"} for i in range(count)
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def test_ptb_and_c4_resolve_to_local_files_in_the_documented_format(tmp_path, monkeypatch):
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.train.txt").write_text(PTB_TRAIN)
+    (tmp_path / "ptb" / "ptb.test.txt").write_text(PTB_TEST)
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "c4-train.00000-of-01024.json").write_text(_c4_records("train", 3))
+    (tmp_path / "c4" / "c4-validation.00000-of-00008.json").write_text(_c4_records("val", 2))
+    monkeypatch.setenv("HF_SPARSE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "_load_hub_text", lambda *a: pytest.fail(f"went to the Hub: {a}"))
+
+    assert load_text("ptb", "calibration") == PTB_TRAIN
+    assert load_text("ptb", "evaluation") == PTB_TEST
+    assert load_text("c4", "calibration") == "\n\n".join(f"train document {i}." for i in range(3))
+    assert load_text("c4", "evaluation") == "val document 0.\n\nval document 1."
+    assert [r["text"] for r in data.load_records("c4", limit=2)] == [
+        "train document 0.",
+        "train document 1.",
+    ]
+    data.check_data_source("ptb")  # known names pass the pre-flight check
+    data.check_data_source("c4")
+
+
+def test_ptb_and_c4_windows_from_local_files(tmp_path, monkeypatch, word_tokenizer):
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.train.txt").write_text(TEXT)
+    (tmp_path / "ptb" / "ptb.test.txt").write_text(TEXT)
+    monkeypatch.setenv("HF_SPARSE_DATA_DIR", str(tmp_path))
+    tokenizer = word_tokenizer(TEXT)
+    windows = calibration_windows(tokenizer, "ptb", count=4, length=8, seed=0)
+    assert windows.shape == (4, 8)
+    assert evaluation_windows(tokenizer, "ptb", length=8, count=3).shape == (3, 8)
+
+
+def test_ptb_and_c4_hub_fallback_reads_the_right_files(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_SPARSE_DATA_DIR", str(tmp_path))  # no local copies
+    seen = []
+
+    def fake_load(*args, **kwargs):
+        seen.append((args, kwargs))
+        field = "sentence" if args[0].startswith("ptb") else "text"
+        return _FakeTable([{field: "one"}, {field: "two"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_text("ptb", "calibration") == "one\ntwo"  # PTB: one sentence per line
+    assert load_text("ptb", "evaluation") == "one\ntwo"
+    assert load_text("c4", "calibration") == "one\n\ntwo"
+    assert load_text("c4", "evaluation") == "one\n\ntwo"
+    assert seen == [
+        (("ptb-text-only/ptb_text_only", "penn_treebank"), {"split": "train"}),
+        (("ptb-text-only/ptb_text_only", "penn_treebank"), {"split": "test"}),
+        (
+            ("allenai/c4", None),
+            {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}},
+        ),
+        (
+            ("allenai/c4", None),
+            {
+                "split": "validation",
+                "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
+            },
+        ),
+    ]
+
+
+def test_c4_hub_failure_names_the_shard(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_SPARSE_DATA_DIR", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"'allenai/c4'.*c4-validation.00000-of-00008") as err:
+        load_text("c4", "evaluation")
+    assert "HF_SPARSE_DATA_DIR" in str(err.value)
+
+
+def test_unknown_name_close_to_ptb_is_suggested():
+    with pytest.raises(ValueError, match="did you mean 'ptb'"):
+        load_text("ptbb")

@@ -123,6 +123,23 @@ class BasisSharingConfig(IntegrityCheckedConfig):
     modules_to_save: list[str] | None = help_field(
         "Modules apart from the compressed ones to train fully and save.", None
     )
+    dynamic_rank_threshold: float = help_field(
+        "Energy kept by dynamic rank at inference (hf_sparse.basis_sharing.dynamic_rank) when "
+        "the call passes none: the share of sigma^2 (global_static) or of the prompt's output "
+        "energy (prompt_adaptive) that the active directions must hold, in (0, 1].",
+        0.95,
+    )
+    max_basis_rank: int | None = help_field(
+        "Cap on every basis's active rank under dynamic rank (None: the full rank k). The "
+        "factors are sliced to it, so compute falls with it.",
+        None,
+    )
+    reorder_channels: bool = help_field(
+        "Under dynamic rank, sort each layer's basis directions by their share of that layer's "
+        "output energy (||C_j||^2 sigma_j^2, or the prompt's own for prompt_adaptive) before "
+        "the cut, instead of the group's singular-value order; the kept ones are gathered.",
+        False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -174,6 +191,20 @@ class BasisSharingConfig(IntegrityCheckedConfig):
             or self.damping < 0
         ):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
+        threshold = self.dynamic_rank_threshold
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0 < threshold <= 1
+        ):
+            raise ValueError(
+                f"dynamic_rank_threshold must be in (0, 1], got {threshold!r}; e.g. 0.95"
+            )
+        cap = self.max_basis_rank
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(
+                f"max_basis_rank must be a positive integer or None (no cap), got {cap!r}"
+            )
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
 

@@ -15,7 +15,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# z -> z with trailing basis directions zeroed (dynamic rank; see dynamic_rank.py)
+# (layer, adapter, x) -> x B_r^T C_r^T on the active directions only, bias excluded (dynamic
+# rank; see dynamic_rank.py)
 RankPolicy = Callable[["BasisSharingLayer", str, torch.Tensor], torch.Tensor]
 
 
@@ -147,12 +148,12 @@ class Linear(nn.Module, BasisSharingLayer):
                     "compression), so adapters cannot be disabled; use merge_and_unload()"
                 )
             return self.base_layer(x, *args, **kwargs)
-        coefficient = self.basis_sharing_coefficient[adapter]
-        basis = self.basis(adapter)
-        z = F.linear(x.to(basis.dtype), basis)
         if self.basis_sharing_rank_policy is not None:
-            z = self.basis_sharing_rank_policy(self, adapter, z)
-        y = F.linear(z.to(coefficient.dtype), coefficient)
+            y = self.basis_sharing_rank_policy(self, adapter, x)
+        else:
+            coefficient = self.basis_sharing_coefficient[adapter]
+            basis = self.basis(adapter)
+            y = F.linear(F.linear(x.to(basis.dtype), basis).to(coefficient.dtype), coefficient)
         bias = self.get_base_layer().bias
         if bias is not None:
             y = y + bias

@@ -233,6 +233,48 @@ def run_spd_recipe(
     return run_toy_experiment(experiment, output_dir, overwrite, recipe.plots, recipe=saved)
 
 
+def experiment_names(target: str) -> list[str] | None:
+    """The names of a comma-separated list (``tms_5-2,resid_mlp1``), all checked before any
+    work; None when ``target`` is a single name or a recipe file."""
+    if "," not in target or Path(target).is_file():
+        return None
+    names = [name.strip() for name in target.split(",")]
+    if not all(names):
+        raise ValueError(
+            f"empty name in the experiment list {target!r}; separate names by single commas, "
+            "e.g. tms_5-2,resid_mlp1"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"experiment list {target!r} names {repeated} twice; name each once")
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(
+            f"unknown SPD experiment(s) {unknown} in {target!r}; known experiments: "
+            f"{list(EXPERIMENTS)}"
+        )
+    return names
+
+
+def prepare_experiments(
+    recipes: list[dict[str, Any]], output_dir: str | os.PathLike | None, overwrite: bool = False
+) -> list[SPDRecipe]:
+    """Several toy experiment recipes run by one call: every recipe parsed and every output
+    folder checked before the first trains. With ``output_dir`` each experiment writes to
+    ``output_dir/<name>``, else to its own default (``spd-<name>``)."""
+    from ..io import check_output_dir
+
+    parsed = []
+    for data in recipes:
+        recipe = spd_recipe_from_dict(data, where=f"experiment {data.get('experiment')!r}")
+        name = recipe.experiment.name
+        target = Path(output_dir) / name if output_dir is not None else recipe.output_dir
+        recipe.output_dir = str(target or f"spd-{name}")
+        check_output_dir(recipe.output_dir, overwrite, _TOY_BYTES)
+        parsed.append(recipe)
+    return parsed
+
+
 def summarize(results: dict[str, Any]) -> str:
     """The summary as JSON: component statistics and timings (toy: against ground truth)."""
     import json
