@@ -44,6 +44,7 @@ from hf_sparse.basis_sharing import (  # noqa: E402
     basis_sharing_recipe_from_dict,
     collect_input_stats,
     get_basis_sharing_model,
+    is_compressed_basis_sharing,
     load_compressed,
     save_compressed,
 )
@@ -301,8 +302,9 @@ def speed_only(args: argparse.Namespace) -> int:
         folder = work / f"compressed-{label[:2]}"
         if not folder.is_dir():
             folder = work / f"twin-{label[:2]}"
-            log(f"{label}: no compressed folder kept; building its shape twin in {folder}")
-            shape_twin(args, recipe, folder)
+            if not is_compressed_basis_sharing(folder):
+                log(f"{label}: no compressed folder kept; building its shape twin in {folder}")
+                shape_twin(args, recipe, folder)
             record["twins"][label] = {"bytes": weight_bytes(folder), "recipe": RECIPES[label]}
         models[label] = load_compressed(folder).eval()
     record["speed"] = speed_rounds(args, models, windows)
