@@ -44,6 +44,7 @@ from hf_sparse.basis_sharing import (  # noqa: E402
     basis_sharing_recipe_from_dict,
     collect_input_stats,
     get_basis_sharing_model,
+    is_compressed_basis_sharing,
     load_compressed,
     save_compressed,
 )
@@ -90,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remote-check", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--keep", action="store_true", help="keep the saved folders")
     p.add_argument("--table", type=Path, help="only print the table of a written JSON")
+    p.add_argument("--speed-only", type=Path, metavar="JSON",
+                   help="only the speed rounds (and bytes of shape twins), added to this JSON "
+                   "written by a full run; models: dense, every compressed folder the run "
+                   "kept, and a shape twin for each recipe without one")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return 0
+    if args.speed_only:
+        return speed_only(args)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "basis_sharing_compressed"
@@ -216,10 +223,23 @@ def main(argv: list[str] | None = None) -> int:
         del loaded
         record["rows"][label] = row
         write(args, record)
-    log("speed: interleaved rounds")
     models = {"dense": load_model_and_tokenizer(args.model)[0].eval()}
     for label in recipes:
         models[label] = load_compressed(work / f"compressed-{label[:2]}").eval()
+    record["speed"] = speed_rounds(args, models, windows)
+    record["wall_s"] = time.perf_counter() - started
+    write(args, record)
+    print(table(record))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def speed_rounds(args: argparse.Namespace, models: dict, windows: torch.Tensor) -> dict:
+    """Prefill and generation speed of every model, in interleaved rounds; medians."""
+    log(f"speed: {args.rounds} interleaved rounds of {list(models)}")
     prefill_ids, prompt = windows[:1], windows[1:2, :32]
     for m in models.values():  # warm-up
         speed(m, prefill_ids[:, :64], prompt[:, :8], 4)
@@ -228,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in models.items():
             runs[name].append(speed(m, prefill_ids, prompt, args.new_tokens))
         log(f"round {round_ + 1}/{args.rounds} done")
-    record["speed"] = {
+    return {
         name: {
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
             "generate_tok_s": statistics.median(r["generate_tok_s"] for r in rs),
@@ -236,13 +256,61 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, rs in runs.items()
     }
-    record["wall_s"] = time.perf_counter() - started
+
+
+def shape_twin(args: argparse.Namespace, recipe, folder: Path) -> None:
+    """A compressed model with exactly the recipe's structure (plan, ranks, dtype) and random
+    factors, saved to ``folder``: its bytes and speed are the real model's (they depend on
+    shapes only); its perplexity means nothing and is never measured."""
+    from hf_sparse.basis_sharing.core import SharedFactors
+
+    model, _ = load_model_and_tokenizer(args.model)
+    config = recipe.config()
+    adapter = get_basis_sharing_model(model, config, defer=True)
+    tuner = adapter.base_model
+    groups = make_plan(tuner.model, config)
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return 0.02 * torch.randn(*shape, generator=generator)
+
+    factors = {
+        key: SharedFactors(
+            rand(g.rank, g.d_in), [rand(g.d_out, g.rank) for _ in g.members], torch.ones(g.rank)
+        )
+        for key, g in groups.items()
+    }
+    tuner.set_factors("default", factors, groups)
+    for layer in tuner.layers("default").values():
+        layer.drop_dense_weight()
+    save_compressed(adapter, folder, overwrite=True)
+
+
+def speed_only(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    record = json.loads(args.speed_only.read_text())
+    work = args.out / "basis_sharing_compressed"
+    recipes = {
+        label: basis_sharing_recipe_from_dict(yaml.safe_load((ROOT / "recipes" / name).read_text()))
+        for label, name in RECIPES.items()
+    }
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    windows = next(iter(recipes.values())).evaluation.windows(tokenizer)
+    models = {"dense": model.eval()}
+    record.setdefault("twins", {})
+    for label, recipe in recipes.items():
+        folder = work / f"compressed-{label[:2]}"
+        if not folder.is_dir():
+            folder = work / f"twin-{label[:2]}"
+            if not is_compressed_basis_sharing(folder):
+                log(f"{label}: no compressed folder kept; building its shape twin in {folder}")
+                shape_twin(args, recipe, folder)
+            record["twins"][label] = {"bytes": weight_bytes(folder), "recipe": RECIPES[label]}
+        models[label] = load_compressed(folder).eval()
+    record["speed"] = speed_rounds(args, models, windows)
+    record["speed_command"] = shlex.join(["python", *sys.argv])
     write(args, record)
     print(table(record))
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
@@ -287,6 +355,14 @@ def table(record: dict) -> str:
             f"{row['adapter_bytes'] / mib:.1f} MiB + base) | "
             f"{row['compressed_ppl']['perplexity']:.2f} (adapter "
             f"{row['adapter_ppl']['perplexity']:.2f}) | {_speed_cells(sp, label)} |"
+        )
+    for label, twin in record.get("twins", {}).items():
+        if label in record["rows"]:
+            continue
+        lines.append(
+            f"| compressed {label} (shape twin: bytes and speed only) | "
+            f"{twin['bytes'] / mib:.1f} MiB ({twin['bytes'] / dense['bytes']:.1%}) | "
+            f"not measured | {_speed_cells(sp, label)} |"
         )
     return "\n".join(lines)
 
