@@ -399,7 +399,11 @@ def write_table(record: dict, path: Path) -> None:
 def combine(files: list[Path], target: Path) -> None:
     """Rows of several ``--only`` runs (same dense figure) in one table, in ``MAKERS`` order."""
     records = [json.loads(f.read_text()) for f in files]
-    rows = {r["kind"]: r for record in records for r in record["rows"]}
+    rows: dict[str, dict] = {}
+    for record in records:  # later files win; a --reuse row keeps the earlier making time
+        for row in record["rows"]:
+            made = row.get("make_seconds") or rows.get(row["kind"], {}).get("make_seconds")
+            rows[row["kind"]] = {**row, "make_seconds": made}
     denses = {round(r["dense_perplexity"], 6) for r in records}
     if len(denses) != 1:
         raise SystemExit(f"the runs measured different dense perplexities {denses}")
