@@ -164,6 +164,13 @@ MAKERS = {
 }  # fmt: skip
 
 
+FOLDERS = {  # where each maker writes (relative to --work), for --reuse
+    "pruned": "pruned-wanda-50", "masked_lr": "masked-lr-adapter", "merged_model": "merged-full",
+    "merged_adapter": "merged-adapter", "task_vector": "task-vector/pruned_task_vector",
+    "basis_sharing": "basis-sharing-20", "spd": "spd-adapter", "study": "study",
+}  # fmt: skip
+
+
 def _adapter_folder(folder: Path) -> Path:
     """The folder itself, or the one subfolder holding adapter_config.json."""
     if (folder / "adapter_config.json").exists():
@@ -200,7 +207,7 @@ def check_load(folder: Path) -> dict:
     try:
         if plan.kind == "adapter":
             base = AutoModelForCausalLM.from_pretrained(plan.base)
-            stock = PeftModel.from_pretrained(base, folder).eval()
+            stock = PeftModel.from_pretrained(base, plan.path).eval()  # SPD: <dir>/adapter
         else:
             stock = AutoModelForCausalLM.from_pretrained(folder).eval()
         with torch.no_grad():
@@ -299,8 +306,8 @@ def markdown(rows: list[dict], dense: float) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        recorded = r.get("recorded_ppl")
-        cells = [r["label"], f"{r.get('make_seconds', 0):.0f}", r.get("loader", "-"),
+        recorded, made = r.get("recorded_ppl"), r.get("make_seconds")
+        cells = [r["label"], f"{made:.0f}" if made is not None else "-", r.get("loader", "-"),
                  r.get("stock", "-"), r.get("eval", "-"),
                  f"{recorded:.3f}" if recorded is not None else "-", r.get("card", "-"),
                  r.get("push", "-"),
@@ -316,6 +323,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=OUT / "output_kinds", help="output folders")
     parser.add_argument("--only", default=None, help="comma-separated kinds (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--reuse", action="store_true", help="check the folders an earlier run made, not remade"
+    )
     parser.add_argument(
         "--json",
         type=Path,
@@ -347,13 +357,18 @@ def main() -> None:
         logger.info("making %s", label)
         begin = time.perf_counter()
         try:
-            folder = make(args.work)
+            reused = args.work / FOLDERS[kind]
+            folder = reused if args.reuse and reused.exists() else make(args.work)
         except Exception as error:
             traceback.print_exc()
             row["error"] = _first(error)
             rows.append(row)
             continue
-        row["make_seconds"] = time.perf_counter() - begin
+        if not (args.reuse and folder == reused):
+            row["make_seconds"] = time.perf_counter() - begin
+        elif args.json.exists():  # keep the time its making took in the earlier run
+            earlier = {r["kind"]: r for r in json.loads(args.json.read_text())["rows"]}
+            row["make_seconds"] = earlier.get(kind, {}).get("make_seconds")
         row["folder"] = str(folder.relative_to(args.work))
         row.update(check_load(folder))
         row.update(check_eval(folder, dense))
@@ -384,7 +399,11 @@ def write_table(record: dict, path: Path) -> None:
 def combine(files: list[Path], target: Path) -> None:
     """Rows of several ``--only`` runs (same dense figure) in one table, in ``MAKERS`` order."""
     records = [json.loads(f.read_text()) for f in files]
-    rows = {r["kind"]: r for record in records for r in record["rows"]}
+    rows: dict[str, dict] = {}
+    for record in records:  # later files win; a --reuse row keeps the earlier making time
+        for row in record["rows"]:
+            made = row.get("make_seconds") or rows.get(row["kind"], {}).get("make_seconds")
+            rows[row["kind"]] = {**row, "make_seconds": made}
     denses = {round(r["dense_perplexity"], 6) for r in records}
     if len(denses) != 1:
         raise SystemExit(f"the runs measured different dense perplexities {denses}")
