@@ -166,7 +166,7 @@ def _clusters(plt, folder, stats) -> tuple[str, str, str]:
 
 def _correlation(plt, folder, stats) -> tuple[str, str, str] | None:
     correlation = stats.get("layer_correlation")
-    if not correlation:
+    if not correlation or "pearson" not in correlation:
         return None
     layers = correlation["layers"]
     fig, ax = plt.subplots(figsize=(5.5, 4.6))
@@ -295,7 +295,7 @@ def _key_numbers(settings, stats, results, stability) -> list[tuple[str, str]]:
                 )
             )
     correlation = stats.get("layer_correlation")
-    if correlation:
+    if correlation and "pearson" in correlation:
         matrix = correlation["pearson"]
         off = [matrix[i][j] for i in range(len(matrix)) for j in range(len(matrix)) if i != j]
         rows.append(("mean correlation between layers' profiles", f"{sum(off) / len(off):.3f}"))

@@ -281,7 +281,11 @@ def run_study(
         results["downstream"] = {"top_k": count, "before": before, "after_zeroing_top_k": after}
     stability = _stability(model, tokenizer, config, windows, scores, count, show_progress)
     stats["clusters"] = _clusters(scores, top, config)
-    stats["layer_correlation"] = layer_correlation(scores)
+    try:  # a study of one layer (or no component shared by all layers) has nothing to correlate
+        stats["layer_correlation"] = layer_correlation(scores)
+    except ValueError as error:
+        stats["layer_correlation"] = {"skipped": str(error)}
+        logger.info("layer correlation skipped: %s", error)
     if config.cluster_perturbation:
         points_ = stats["clusters"]["points"]
         kind, strength = perturbations[0]

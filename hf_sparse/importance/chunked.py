@@ -78,7 +78,14 @@ def chunked_loss_gradients(
     labelled = int((labels != -100).sum())
     if labelled == 0:
         raise ValueError("a sample has no labelled token (all labels are -100): nothing to score")
-    hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    output = backbone(input_ids=ids, use_cache=False)
+    if getattr(output, "last_hidden_state", None) is None:
+        raise ValueError(
+            f"chunk_size needs the backbone's hidden states, but {type(backbone).__name__} "
+            "returns no last_hidden_state (a wrapped model?): score the unwrapped causal LM or "
+            "set chunk_size: null"
+        )
+    hidden = output.last_hidden_state[:, :-1]
     detached = hidden.detach().requires_grad_(True)
     hidden_grad = torch.zeros_like(detached)
     totals: list[torch.Tensor | None] = [None] * len(tensors)

@@ -90,3 +90,19 @@ def test_study_with_head_mode_checkpoints_and_downstream(tmp_path, monkeypatch):
     assert set(down["before"]) == set(down["after_zeroing_top_k"]) == {"lambada"}
     assert 0 <= down["before"]["lambada"]["acc"] <= 1
     assert "Downstream tasks" in (tmp_path / "study" / "report.html").read_text()
+
+
+@pytest.mark.slow  # a small study: ~5 s
+def test_a_study_of_one_layer_skips_the_layer_correlation(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    text = str(tmp_path / "text.txt")
+    config = AnalysisConfig(
+        metric="magnitude", top_k=16, params=["re:model\\.layers\\.0\\..*proj\\.weight"],
+        dataset=text, eval_dataset=text, num_samples=2, sequence_length=16, eval_windows=1,
+        eval_length=16, control_seeds=1, stability_seeds=[0], stability_subsets=0,
+        n_clusters=2, single_weight_candidates=0,
+    )  # fmt: skip
+    model, tokenizer = build_tiny_model("llama"), build_word_tokenizer(TEXT)
+    result = run_study(model, tokenizer, config, tmp_path / "study", show_progress=False)
+    assert "at least two decoder layers" in result["stats"]["layer_correlation"]["skipped"]
+    assert result["results"]["cluster_perturbations"]
