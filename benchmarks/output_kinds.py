@@ -124,6 +124,42 @@ def make_basis_sharing(work: Path) -> Path:
     return out
 
 
+def make_basis_sharing_compressed(work: Path) -> Path:
+    from hf_sparse.cli import main
+
+    out = work / "basis-sharing-20-compressed"
+    code = main(["compress", "--model", MODEL, "--ratio", "0.2", "--num-samples", "8",
+                 "--sequence-length", "128", "--eval-windows", "4", "--eval-sequence-length",
+                 "256", "--output", "compressed", "--output-dir", str(out)])  # fmt: skip
+    assert code == 0, f"hf-sparse compress --output compressed exited {code}"
+    return out
+
+
+def make_pruned_by_callback(work: Path) -> Path:
+    import torch
+    from hf_sparse.callbacks import PruningCallback
+    from transformers import Trainer, TrainingArguments
+
+    from hf_sparse.data import calibration_windows
+    from hf_sparse.loading import load_model_and_tokenizer
+    from hf_sparse.pruning import WandaConfig
+
+    model, tokenizer = load_model_and_tokenizer(MODEL)
+    windows = calibration_windows(tokenizer, "wikitext2", count=8, length=128, seed=0)
+    dataset = [{"input_ids": w, "labels": w.clone()} for w in windows]
+    out = work / "pruned-by-callback"
+    args = TrainingArguments(output_dir=str(work / "pruned-by-callback-run"), max_steps=2,
+                             per_device_train_batch_size=4, learning_rate=1e-5,
+                             save_strategy="no", report_to=[], logging_strategy="no",
+                             use_cpu=True)  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      callbacks=[PruningCallback(WandaConfig(sparsity=0.5))])  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(out))
+    return out
+
+
 def make_spd(work: Path) -> Path:
     from hf_sparse.recipes import read_recipe_file, run_recipe
 
@@ -159,6 +195,10 @@ MAKERS = {
                        make_merged_adapter),
     "task_vector": ("task-vector adapter (TaskVectorPruneCallback)", make_task_vector),
     "basis_sharing": ("Basis Sharing adapter (hf-sparse compress 20%)", make_basis_sharing),
+    "basis_sharing_compressed": ("compressed Basis Sharing model (hf-sparse compress 20% "
+                                 "--output compressed)", make_basis_sharing_compressed),
+    "pruned_callback": ("pruned model (Trainer + PruningCallback, Wanda 50%, save_model)",
+                        make_pruned_by_callback),
     "spd": ("SPD adapter (recipes/spd-smollm2.yaml)", make_spd),
     "study": ("analysis study (recipes/critical-weights.yaml)", make_study),
 }  # fmt: skip
@@ -168,6 +208,8 @@ FOLDERS = {  # where each maker writes (relative to --work), for --reuse
     "pruned": "pruned-wanda-50", "masked_lr": "masked-lr-adapter", "merged_model": "merged-full",
     "merged_adapter": "merged-adapter", "task_vector": "task-vector/pruned_task_vector",
     "basis_sharing": "basis-sharing-20", "spd": "spd-adapter", "study": "study",
+    "basis_sharing_compressed": "basis-sharing-20-compressed",
+    "pruned_callback": "pruned-by-callback",
 }  # fmt: skip
 
 
