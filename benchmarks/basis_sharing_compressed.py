@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                   help="which of the shipped recipes to run")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--remote-check", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--keep", action="store_true", help="keep the saved folders")
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {
         label: basis_sharing_recipe_from_dict(yaml.safe_load((ROOT / "recipes" / name).read_text()))
         for label, name in RECIPES.items()
+        if label in args.recipes
     }
     calibrations = {(asdict_key(r.calibration)) for r in recipes.values()}
     if len(calibrations) != 1:

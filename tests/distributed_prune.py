@@ -1,6 +1,9 @@
 """Data-parallel pruning of the tiny test model; run by tests/test_distributed.py as
 
     torchrun --nproc_per_node 2 tests/distributed_prune.py OUT_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_prune.py OUT_DIR
+
+(the README's commands; ``accelerate launch --cpu`` would start a single process).
 
 Every rank builds the same seeded tiny Llama and the same calibration set, calibrates on its
 own shard (``shard_for_rank``), and statistics are all-reduced inside ``prune_``. Rank 0
