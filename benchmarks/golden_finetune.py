@@ -27,19 +27,19 @@ import time
 from pathlib import Path
 
 import torch
-from hf_sparse.sft import (
-    FinetuneConfig,
+
+from hf_sparse.data import evaluation_windows
+from hf_sparse.evaluation import perplexity
+from hf_sparse.importance import compute_importance
+from hf_sparse.loading import load_model_and_tokenizer
+from hf_sparse.masked_lr import FinetuneConfig, GoldenConfig, golden_masks
+from hf_sparse.masked_lr.finetune import (
     PadCollator,
     finetune_with_masks,
     instruction_splits,
     mean_response_loss,
     train_args,
 )
-
-from hf_sparse.data import evaluation_windows
-from hf_sparse.evaluation import perplexity
-from hf_sparse.importance import compute_importance, golden_masks
-from hf_sparse.loading import load_model_and_tokenizer
 from hf_sparse.masks import ParameterMasks, top_k
 from hf_sparse.real_model import resolve_model_path
 
@@ -138,15 +138,13 @@ def main() -> None:
     names = target_weights(model)
     samples = train[: args.golden_samples]
     start = time.perf_counter()
-    golden = golden_masks(
-        model,
-        samples,
-        None,
-        args.golden_percent,
+    golden_config = GoldenConfig(
+        top_k_percent=args.golden_percent,
         num_samples=len(samples),
         scope="tensor",
         params=[f"re:^{n}$" for n in names],
-    ).masks
+    )
+    golden = golden_masks(model, golden_config, samples).masks
     scores = compute_importance(model, samples, "gradient", [f"re:^{n}$" for n in names])
     mask_seconds = time.perf_counter() - start
 
