@@ -346,7 +346,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
             f"{data['experiment']!r} has no decoder blocks: leave --blocks out"
         )
     apply_flags(data, args, _decompose_flags())
-    if args.no_plots:
+    if args.no_plots and "model" not in data:  # language-model recipes draw no figures
         data["plots"] = False
     return _run(data, args, "spd")
 

@@ -237,3 +237,9 @@ def test_blocks_path_under_a_wrapper_must_be_unambiguous():
     assert [name for name, _ in found] == ["b.model.layers.0", "b.model.layers.1"]
     wrapped = torch.nn.ModuleDict({"wrapper": pair["a"]})
     assert find_decoder_blocks(wrapped, "model.layers")[1][0] == "wrapper.model.layers.1"
+
+
+def test_decompose_language_model_recipe_accepts_no_plots(ws, tmp_path):
+    # a language-model SPD recipe draws no figures: --no-plots is accepted and changes nothing
+    assert run(ws, "decompose", tmp_path / "out", "--no-plots") == 0
+    assert (tmp_path / "out" / "recipe.yaml").is_file()
