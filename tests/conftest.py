@@ -207,6 +207,15 @@ def tiny_training_args(output_dir, **overrides):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the results do not depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_model():
     """Factory fixture: ``tiny_model("llama")`` -> a fresh seeded tiny model of that family."""
     return build_tiny_model

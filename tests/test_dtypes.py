@@ -21,12 +21,7 @@ FAMILIES = ["llama", "gpt2"]  # Linear and GPT-2's transposed Conv1D
 PRUNERS = {"sparsegpt": SparseGPTConfig, "wanda": WandaConfig, "magnitude": MagnitudeConfig}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: statistics on one thread
 
 
 def model_in(arch: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -18,13 +18,7 @@ from hf_sparse.pruning.owl import (
 )
 from tests.conftest import ARCHS, build_tiny_model, make_token_windows
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: statistics on one thread
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_mean():

@@ -23,12 +23,7 @@ from hf_sparse.pruning.recover import RecoveryConfig, recover_, training_windows
 WORDS = " ".join(f"w{i % 97} x{(i * 7) % 31}" for i in range(3000))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: statistics on one thread
 
 
 @pytest.fixture

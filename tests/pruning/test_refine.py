@@ -11,13 +11,7 @@ from hf_sparse.pruning.core import NMPattern, keep_mask_from_scores, obs_prune
 from hf_sparse.pruning.refine import dsnot_refine, ria_scores
 from tests.conftest import ARCHS, build_tiny_model, make_token_windows
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: statistics on one thread
 
 
 def test_ria_score_is_relative_importance_times_root_activation_norm():
