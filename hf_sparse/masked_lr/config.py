@@ -156,6 +156,13 @@ class ScoreConfig:
         _check_metric(self.metric, self.metric_options, per_sample=False)
 
 
+CHUNK_SIZE_HELP = (
+    "Memory-bounded scoring: each sample's loss gradient is computed over chunks of this many "
+    "tokens (head and cross-entropy per chunk, gradients accumulated over chunks; the same "
+    "gradient). Gradient metrics only (gradient, grad_x_weight, fisher). None = whole samples."
+)
+
+
 @dataclass
 class GoldenConfig:
     """Golden parameters: the entries in the per-sample top ``top_k_percent`` % of every one of
@@ -177,13 +184,7 @@ class GoldenConfig:
         "Only parameters in the last N% of decoder blocks; None = all blocks.", None
     )
     metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
-    chunk_size: int | None = help_field(
-        "Memory-bounded scoring: each sample's loss gradient is computed over chunks of this "
-        "many tokens (head and cross-entropy per chunk, gradients accumulated over chunks; the "
-        "same gradient). Gradient metrics only (gradient, grad_x_weight, fisher). None = whole "
-        "samples.",
-        None,
-    )
+    chunk_size: int | None = help_field(CHUNK_SIZE_HELP, None)
 
     def __post_init__(self) -> None:
         check_percent(self.top_k_percent, "top_k_percent")
@@ -239,13 +240,7 @@ class ReverseGoldenConfig:
     )
     seed: int = help_field("Seed of the strategies that draw random numbers.", 0)
     metric_options: dict = help_field("Extra metric options, e.g. {probes: 8}.", {})
-    chunk_size: int | None = help_field(
-        "Memory-bounded scoring: each sample's loss gradient is computed over chunks of this "
-        "many tokens (head and cross-entropy per chunk, gradients accumulated over chunks; the "
-        "same gradient). Gradient metrics only (gradient, grad_x_weight, fisher). None = whole "
-        "samples.",
-        None,
-    )
+    chunk_size: int | None = help_field(CHUNK_SIZE_HELP, None)
     batch_size: int = help_field(
         "Held-out samples per forward pass of the KL evaluation (padded on the right; the KL "
         "counts real tokens only).",
