@@ -8,6 +8,13 @@
     python benchmarks/basis_sharing_bench.py dynamic --ratio 0.4 --setting g2
     python benchmarks/basis_sharing_bench.py throughput --ratio 0.4 --setting g2-kvdown-refit
     python benchmarks/basis_sharing_bench.py dynamic_speed --ratio 0.4 --setting g4-down-refit
+    python benchmarks/basis_sharing_bench.py downstream --limit 200
+
+``downstream``: lm-eval (LAMBADA, HellaSwag, the local files of ``shared/data``) of the dense
+model and of each compressed model (dense weights dropped, as the compressed-model artifact
+runs) at ``--ratios`` for the per-layer whitened baseline (``g1``) and the best sharing setting
+of each ratio measured by ``compress`` (``--settings`` overrides: one list for every ratio),
+with each model's protocol-v1 perplexity beside it.
 
 ``compress``: perplexity of plain SVD, per-layer whitened SVD (group of 1, SVD-LLM) and Basis
 Sharing with groups of 2 and 4, each before and after the coefficient update, with parameter
@@ -89,7 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.2, 0.3])
-    p.add_argument("--settings", nargs="+", default=["svd", "g1", "g2", "g4"], choices=SETTINGS)
+    p.add_argument("--settings", nargs="+", choices=SETTINGS,
+                   help="compress: default svd g1 g2 g4; downstream: default g1 and each "
+                   "ratio's best")  # fmt: skip
     p.add_argument("--ratio", type=float, default=0.4, help="recovery/dynamic/throughput")
     p.add_argument("--setting", default="g2", choices=[*SETTINGS, "dense"],
                    help="recovery/dynamic/throughput; dense: recovery's control (LoRA on the "
@@ -112,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4], help="errors: group sizes")
     p.add_argument("--private-blocks", type=int, nargs="*", default=[], help="errors: unshared")
+    p.add_argument("--limit", type=int, default=200, help="downstream: examples per task")
     return p.parse_args(argv)
 
 
@@ -229,6 +239,57 @@ def compressed(args, stats, ratio, setting, update, calib):
 
 
 # ---------------------------------------------------------------- parts
+BEST_SETTING = {0.2: "g4-mlp-refit", 0.3: "g4-down-refit", 0.4: "g4-down-refit"}  # `compress`
+
+
+def part_downstream(args, meta) -> dict:
+    """lm-eval of the dense model and of the baseline and best setting at each ratio."""
+    from hf_sparse.analysis.downstream import downstream_eval
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    calib, evaluation = windows(args, tokenizer)
+    rows = []
+    record = {**meta, "limit": args.limit, "rows": rows}
+
+    def add(row: dict, lm) -> None:
+        start = time.perf_counter()
+        row["ppl"] = ppl(lm, evaluation)
+        row["tasks"] = downstream_eval(lm, tokenizer, limit=args.limit)
+        row["eval_s"] = time.perf_counter() - start
+        log(f"{row['ratio']} {row['setting']}: ppl {row['ppl']:.2f} {row['tasks']}")
+        rows.append(row)
+        write(args, "downstream", record)
+
+    add({"ratio": 0.0, "setting": "dense"}, model)
+    stats = dense_stats(args, model, calib)
+    del model
+    for ratio in args.ratios:
+        settings = args.settings or ["g1", BEST_SETTING.get(ratio, "g1")]
+        for setting in dict.fromkeys(settings):
+            peft_model = compressed(args, stats, ratio, setting, False, calib)
+            add({"ratio": ratio, "setting": setting}, peft_model)
+            del peft_model
+    print(downstream_table(record))
+    return record
+
+
+def downstream_table(record: dict) -> str:
+    lines = [
+        f"lm-eval, first {record['limit']} examples of each task",
+        "| ratio | setting | ppl (protocol v1) | LAMBADA acc | LAMBADA ppl | HellaSwag acc | "
+        "HellaSwag acc_norm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        lam, hs = r["tasks"]["lambada"], r["tasks"]["hellaswag"]
+        ratio = "dense" if r["setting"] == "dense" else f"{r['ratio']:.0%}"
+        lines.append(
+            f"| {ratio} | {r['setting']} | {r['ppl']:.2f} | {lam['acc']:.3f} | "
+            f"{lam['perplexity']:.1f} | {hs['acc']:.3f} | {hs['acc_norm']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def part_compress(args, meta) -> dict:
     model, tokenizer = load_model_and_tokenizer(args.model)
     calib, evaluation = windows(args, tokenizer)
@@ -239,7 +300,7 @@ def part_compress(args, meta) -> dict:
     rows = []
     record = {**meta, "dense_ppl": dense_ppl, "rows": rows}
     for ratio in args.ratios:
-        for setting in args.settings:
+        for setting in args.settings or ["svd", "g1", "g2", "g4"]:
             model, _ = load_model_and_tokenizer(args.model)
             config = make_config(setting, ratio)
             start = time.perf_counter()
@@ -581,6 +642,7 @@ PARTS = {
     "dynamic": part_dynamic,
     "throughput": part_throughput,
     "dynamic_speed": part_dynamic_speed,
+    "downstream": part_downstream,
 }
 
 
