@@ -261,11 +261,40 @@ def make_temp_dir(path: Path, kind: str = "tmp", restore: str | None = None) -> 
     return tmp
 
 
+def _current_umask() -> int:
+    """The process umask (read without changing it where /proc says it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(content: Path) -> None:
+    """Give the output the modes a plain ``save_pretrained`` folder gets: the temporary folder
+    is private (``mkdtemp``: 0700) and safetensors writes its files 0600, which would leave
+    the weights unreadable to the user's group where the cards and configs are not."""
+    umask = _current_umask()
+    content.chmod(0o777 & ~umask)
+    for item in content.rglob("*"):
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def public_file_mode(path: str | os.PathLike) -> None:
+    """Give one written file the umask's mode (safetensors writes 0600)."""
+    os.chmod(path, 0o666 & ~_current_umask())
+
+
 def _swap_into_place(content: Path, path: Path) -> None:
     """Move ``content`` to ``path``; an existing ``path`` is moved aside first (into a marked
     folder that names it for restoring) and deleted last, and put back if the move fails, so
     the previous output survives any failure."""
-    content.chmod(0o755)
+    _apply_umask(content)
     if not path.exists():
         os.replace(content, path)
         return

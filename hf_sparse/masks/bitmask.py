@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..io import public_file_mode
+
 MASKS_FILE = "sparsity_masks.safetensors"  # name of the mask file beside saved weights
 _SHAPES_KEY = "hf_sparse.mask_shapes"
 MASK_ENCODINGS = ("auto", "bits", "indices")
@@ -92,6 +94,7 @@ def save_masks(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=header)
+        public_file_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -249,3 +249,24 @@ def test_stale_folders_of_other_hosts_or_without_marker_are_left_alone(tmp_path,
         assert io.clean_stale_outputs(tmp_path) == []
     assert foreign.exists() and unmarked.exists()
     assert "on another host" in caplog.text
+
+
+def test_written_files_follow_the_umask_not_the_private_temporary_modes(tmp_path):
+    """safetensors writes 0600 and mkdtemp makes 0700; the finished output reads like a plain
+    ``save_pretrained`` folder (here umask 022: files 0644, folders 0755)."""
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(0o022)
+    try:
+        with io.atomic_output_dir(tmp_path / "out") as folder:
+            save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+            (folder / "sub").mkdir()
+            (folder / "sub" / "card.md").write_text("x")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((out / "sub").stat().st_mode & 0o777) == oct(0o755)
+    assert oct((out / "sub" / "card.md").stat().st_mode & 0o777) == oct(0o644)

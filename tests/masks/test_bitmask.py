@@ -131,3 +131,15 @@ def test_load_foreign_safetensors_raises(tmp_path):
     save_file({"w": torch.zeros(2, dtype=torch.uint8)}, str(other), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="hf_sparse.mask_shapes"):
         load_masks(other)
+
+
+def test_saved_mask_file_follows_the_umask(tmp_path):
+    """safetensors writes 0600; a mask file beside a checkpoint must be as readable as it."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        save_masks({"w": torch.ones(4, 8, dtype=torch.bool)}, tmp_path / "masks.safetensors")
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "masks.safetensors").stat().st_mode & 0o777) == oct(0o644)
