@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Why do our SparseGPT and llm-compressor's differ? The solvers on real statistics (issue 18).
 
-    .venv/bin/python benchmarks/sparsegpt_solver_diff.py            # ~5 CPU minutes, 1 thread
+    .venv/bin/python benchmarks/sparsegpt_solver_diff.py      # ~7 CPU minutes, 1 thread
+    .venv/bin/python benchmarks/sparsegpt_solver_diff.py --whole-only --whole-rows 0.5 \
+        --out benchmarks/out/sparsegpt_solver_diff_whole50.json  # ~6 CPU minutes
 
 1. Dense SmolLM2-135M (the fp32 model dequantized from the Q4_1 GGUF, not the Hub's bf16
    checkpoint) runs on the first ``--windows`` windows of the protocol-v1 calibration tensor
@@ -22,7 +24,13 @@
    float rounding alone is), and ``H_reversed`` (our H summed over the windows in reverse
    order: a same-data rounding perturbation, the noise floor of any comparison).
 
-Every result is scored by the layer output error
+4. Whole model (``--whole-rows``, default 70%): our library prunes all 30 blocks from the same
+   windows several times, each run differing from the default only by float rounding
+   (``reduction="sum"``; ``batch_size=1``, the peer's batch) or by their count (patched in this
+   process, not in the library), each scored by perplexity on the first ``--eval-windows``
+   protocol-v1 evaluation windows: how far rounding alone moves the figures the table compares.
+
+Every layer result is scored by the layer output error
 ``trace((W - W') H (W - W')^T) / trace(W H W^T)`` on the same ``H`` (``H_ours`` in float64),
 and by the share of mask entries that differ from llm-compressor's. JSON goes to
 ``benchmarks/out/sparsegpt_solver_diff.json``. The machine may be shared: nothing is timed.
