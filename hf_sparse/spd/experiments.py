@@ -53,6 +53,9 @@ class ToyExperiment:
     loss: SPDLossConfig
     train: SPDTrainConfig
     identity_layers: list[str] = field(default_factory=list)  # one-hot -> one component each
+    # layer -> k: a full-rank map every feature passes through (TMS's hidden identity) is
+    # expected as k dense components, each active on every input (the reference's ``dense_ci``)
+    dense_layers: dict[str, int] = field(default_factory=dict)
     # layer -> "columns" (features are its inputs) or "rows" (its outputs): MMCS / ML2R targets
     direction_layers: dict[str, str] = field(default_factory=dict)
     published: dict[str, float] = field(default_factory=dict)  # reference implementation
@@ -99,7 +102,8 @@ def _tms(n_features: int, n_hidden: int, identity: bool) -> ToyExperiment:
         spd=spd,
         loss=loss,
         train=train,
-        identity_layers=list(targets),
+        identity_layers=["linear1", "linear2"],
+        dense_layers={"hidden_layers.0": n_hidden} if identity else {},
         direction_layers={"linear1": "columns", "linear2": "rows"},
         published=published,
         note=f"reference implementation's settings (tms_{n_features}-{n_hidden}_config.yaml)",

@@ -97,7 +97,11 @@ def check_toy_experiment(experiment: ToyExperiment) -> None:
     model = build_toy_model(experiment.toy)
     config = SPDConfig(**experiment.spd)
     targets = set(check_targets(model, config, check_tied=False))
-    named = set(experiment.identity_layers) | set(experiment.direction_layers)
+    named = (
+        set(experiment.identity_layers)
+        | set(experiment.dense_layers)
+        | set(experiment.direction_layers)
+    )
     modules = dict(model.named_modules())
     missing = sorted(name for name in named if name not in modules)
     if missing:

@@ -151,6 +151,10 @@ def toy_metrics(model: nn.Module, experiment: ToyExperiment, seed: int = 1234) -
             entry["identity_ci_error"] = report.error
             entry["one_to_one_fraction"] = report.one_to_one_fraction
             entry["active_per_feature"] = report.active_per_feature
+        if name in experiment.dense_layers:
+            active = (ci_one_hot[name][features] > threshold).sum(dim=1)
+            entry["expected_dense_components"] = experiment.dense_layers[name]
+            entry["active_per_feature"] = active.tolist()
         orientation = experiment.direction_layers.get(name)
         if orientation is not None and alive.any():
             U, V = layer.components()
@@ -203,8 +207,14 @@ def summarise(experiment: ToyExperiment, metrics: dict[str, Any]) -> dict[str, A
         )
         one_each = all(
             entry["n_alive"] == n and entry.get("one_to_one_fraction", 1.0) == 1.0
-            for entry in layers.values()
+            for name, entry in layers.items()
+            if name not in experiment.dense_layers
         )
+        for name, k in experiment.dense_layers.items():
+            active = layers[name]["active_per_feature"]
+            dense = layers[name]["n_alive"] == k and all(a == k for a in active)
+            summary[f"{name}.dense_as_expected"] = dense
+            one_each = one_each and dense
         summary["ground_truth_recovered"] = directions_ok and one_each
     elif isinstance(experiment.toy, ResidMLPConfig):
         fractions = [layers[name]["one_to_one_fraction"] for name in experiment.identity_layers]

@@ -101,6 +101,31 @@ def test_tms_acceptance_needs_directions_and_one_component_per_feature():
         assert summarise(experiment, metrics)["ground_truth_recovered"] is False
 
 
+def test_tms_hidden_identity_is_judged_as_k_dense_components():
+    """TMS 5-2-id's hidden 2x2 identity carries every feature: the reference expects it as
+    2 dense components active on every input (its ``dense_ci`` with k=2), not one per feature."""
+    from hf_sparse.spd.experiments import get_experiment
+    from hf_sparse.spd.toy_run import summarise
+
+    experiment = get_experiment("tms_5-2-id")
+    assert experiment.dense_layers == {"hidden_layers.0": 2}
+    assert "hidden_layers.0" not in experiment.identity_layers
+    good = {"n_alive": 5, "one_to_one_fraction": 1.0, "mmcs": 0.999, "ml2r": 0.98}
+    dense = {"n_alive": 2, "active_per_feature": [2, 2, 2, 2, 2]}
+    metrics = {
+        "layers": {"linear1": dict(good), "linear2": dict(good), "hidden_layers.0": dense},
+        "mse_ci_masked": 0.0,
+    }
+    summary = summarise(experiment, metrics)
+    assert summary["hidden_layers.0.dense_as_expected"] is True
+    assert summary["ground_truth_recovered"] is True
+    for change in ({"n_alive": 3}, {"active_per_feature": [1, 1, 2, 2, 2]}):
+        metrics["layers"]["hidden_layers.0"] = {**dense, **change}
+        summary = summarise(experiment, metrics)
+        assert summary["hidden_layers.0.dense_as_expected"] is False
+        assert summary["ground_truth_recovered"] is False
+
+
 def test_features_the_target_dropped_are_not_ground_truth():
     from hf_sparse.spd import SPDConfig, get_spd_model
     from hf_sparse.spd.experiments import get_experiment
