@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .execution import input_device, onloaded, resolve_device, to_device
+from .linalg import gram
 from .models import find_decoder_blocks, in_features, is_linear, weight_matrix
 from .reduction import OrderedSum
 
@@ -88,7 +89,7 @@ class InputStats:
             self._add_ordered(rows)
         else:
             if self.xtx is not None:
-                self.xtx.addmm_(rows.t(), rows)
+                gram(rows, out=self.xtx)
             if self.sq_norms is not None:
                 self.sq_norms.add_(rows.pow(2).sum(0))
         self.tokens += rows.shape[0]
@@ -100,7 +101,7 @@ class InputStats:
                 "ordered statistics need the batch position the calibration engine sets "
                 "(run_sequential); create the collector with ordered=False elsewhere"
             )
-        terms = {"xtx": lambda: rows.t() @ rows, "sq_norms": lambda: rows.pow(2).sum(0)}
+        terms = {"xtx": lambda: gram(rows), "sq_norms": lambda: rows.pow(2).sum(0)}
         for key in _STAT_KEYS:
             if getattr(self, key) is not None:
                 total = self.pending.setdefault((key, where.stream), OrderedSum(where.lowest))

@@ -305,3 +305,17 @@ def test_run_sequential_refuses_unreduced_multi_process(monkeypatch):
             lambda *args: None,
             show_progress=False,
         )
+
+
+@pytest.mark.parametrize("width", [48, 512, 576, 1000, 1536])
+def test_gram_from_its_upper_blocks_equals_the_full_product(width):
+    from hf_sparse.linalg import gram
+
+    torch.manual_seed(width)
+    rows = torch.randn(257, width, dtype=torch.float64)
+    full = rows.t() @ rows
+    assert torch.allclose(gram(rows), full, rtol=0, atol=1e-10)
+    assert torch.equal(gram(rows), gram(rows).t())  # exactly symmetric
+    acc = torch.full((width, width), 2.0, dtype=torch.float64)
+    gram(rows, out=acc)
+    assert torch.allclose(acc, full + 2.0, rtol=0, atol=1e-10)
