@@ -64,6 +64,9 @@ def _start(script: str, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # a shell's background job inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: give the child the disposition a terminal user's process has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in process.stdout:
         if line.strip() == "in-save":
