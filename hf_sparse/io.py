@@ -279,15 +279,16 @@ def _apply_umask(content: Path) -> None:
     is private (``mkdtemp``: 0700) and safetensors writes its files 0600, which would leave
     the weights unreadable to the user's group where the cards and configs are not."""
     umask = _current_umask()
-    content.chmod(0o777 & ~umask)
-    for item in content.rglob("*"):
+    for item in [content, *content.rglob("*")]:
         if not item.is_symlink():
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+            public_file_mode(item, umask)
 
 
-def public_file_mode(path: str | os.PathLike) -> None:
-    """Give one written file the umask's mode (safetensors writes 0600)."""
-    os.chmod(path, 0o666 & ~_current_umask())
+def public_file_mode(path: str | os.PathLike, umask: int | None = None) -> None:
+    """Give one written file (0666) or folder (0777) the umask's mode (safetensors writes 0600,
+    ``mkdtemp`` 0700)."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~(_current_umask() if umask is None else umask))
 
 
 def _swap_into_place(content: Path, path: Path) -> None:

@@ -182,15 +182,19 @@ def _examples() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": w, "labels": w.clone()} for w in make_token_windows(n=8, length=12)]
 
 
+def _train_with(callback, output_dir):
+    """Two steps of a Trainer on the model whose blocks only ``blocks=`` finds; the callback."""
+    args = tiny_training_args(output_dir, max_steps=2)
+    trainer = Trainer(model=hidden_blocks_model(), args=args, train_dataset=_examples(),
+                      callbacks=[callback])  # fmt: skip
+    trainer.train()
+    return callback
+
+
 def test_task_vector_prune_callback_takes_blocks(tmp_path):
     def train(blocks: str | None) -> TaskVectorPruneCallback:
         config = TaskVectorPruneConfig(density=0.25, calibration_samples=4, blocks=blocks)
-        callback = TaskVectorPruneCallback(config)
-        args = tiny_training_args(tmp_path / str(blocks), max_steps=2)
-        trainer = Trainer(model=hidden_blocks_model(), args=args, train_dataset=_examples(),
-                          callbacks=[callback])  # fmt: skip
-        trainer.train()
-        return callback
+        return _train_with(TaskVectorPruneCallback(config), tmp_path / str(blocks))
 
     with pytest.raises(UnsupportedArchitectureError, match="_no_split_modules.*blocks="):
         train(None)
@@ -204,12 +208,7 @@ def test_task_vector_prune_callback_takes_blocks(tmp_path):
 def test_sensitivity_callback_takes_blocks(tmp_path):
     def train(blocks: str | None) -> SensitivityCallback:
         config = SensitivityConfig(metric="magnitude", steps=[0, 2], num_samples=2, blocks=blocks)
-        callback = SensitivityCallback(config)
-        args = tiny_training_args(tmp_path / str(blocks), max_steps=2)
-        trainer = Trainer(model=hidden_blocks_model(), args=args, train_dataset=_examples(),
-                          callbacks=[callback])  # fmt: skip
-        trainer.train()
-        return callback
+        return _train_with(SensitivityCallback(config), tmp_path / str(blocks))
 
     with pytest.raises(UnsupportedArchitectureError, match="_no_split_modules.*blocks="):
         train(None)
