@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         sequence_length=args.seq_len, eval_at=list(args.eval_at), warmup_steps=args.warmup,
     )  # fmt: skip
-    recovered = recover_(model, result.masks, config, recovery, tokenizer, "wikitext2", evals,
+    recovered = recover_(model, result.masks, recovery, tokenizer, "wikitext2", evals,
                          show_progress=False)  # fmt: skip
     ppl = {0: one_shot, **recovered.perplexity}
     gap = one_shot - record["dense_ppl"]

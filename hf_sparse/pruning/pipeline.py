@@ -212,7 +212,7 @@ def _recover(
 ) -> dict[str, Any]:
     """Fine-tune with the mask kept; perplexity at step 0 (the one-shot model) and eval_at."""
     recovered = recover_(
-        model, result.masks, recipe.pruning, recipe.recover, tokenizer,
+        model, result.masks, recipe.recover, tokenizer,
         recipe.calibration.dataset, eval_windows, show_progress,
     )  # fmt: skip
     record = recovered.to_dict()

@@ -3,9 +3,9 @@
 One-shot pruning leaves the kept weights as the solver set them; a few hundred optimizer steps
 on text of the calibration domain recover much of the lost perplexity (as in SparseGPT's and
 Wanda's follow-up experiments, and Sun et al.'s LoRA/full fine-tuning of Wanda models). Here
-every weight is trained, and ``hf_sparse.callbacks.PruningCallback`` (given the masks of the
-one-shot pass, so it does not prune again) re-applies the mask after every optimizer step:
-pruned weights are exact zeros whenever the model is evaluated or saved.
+every weight is trained and the one-shot pass's masks are re-applied after every optimizer
+step (as ``hf_sparse.callbacks.PruningCallback`` does once it has pruned): pruned weights are
+exact zeros whenever the model is evaluated or saved.
 
 Recipe block (``recover:`` next to ``pruning:``)::
 
@@ -126,6 +126,19 @@ class RecoveryResult:
         }
 
 
+def _keep_masks_callback(masks: dict[str, torch.Tensor]):
+    """A ``TrainerCallback`` that zeroes the pruned weights after every optimizer step."""
+    from transformers import TrainerCallback
+
+    from .apply import apply_masks_
+
+    class KeepMasks(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            apply_masks_(model, masks)
+
+    return KeepMasks()
+
+
 def _eval_callback(windows: torch.Tensor | None, steps: list[int], result: RecoveryResult):
     from transformers import TrainerCallback
 
@@ -151,7 +164,6 @@ def _eval_callback(windows: torch.Tensor | None, steps: list[int], result: Recov
 def recover_(
     model: nn.Module,
     masks: dict[str, torch.Tensor],
-    pruning_config,
     config: RecoveryConfig,
     tokenizer,
     source: str = "wikitext2",
@@ -162,8 +174,6 @@ def recover_(
 
     Perplexity on ``eval_windows`` is recorded after each step in ``config.eval_at``.
     """
-    from ..callbacks.pruning import PruningCallback
-    from ..callbacks.saving import remove_save_writers
     from ..evaluation import overall_sparsity, sparsity_report
 
     if not masks:
@@ -172,8 +182,7 @@ def recover_(
         raise ValueError("recover_ needs a tokenizer to cut the training text into windows")
     train = _Windows(training_windows(tokenizer, config.dataset or source, config))
     result = RecoveryResult()
-    callback = PruningCallback(pruning_config)
-    callback.masks = dict(masks)  # already pruned: keep these masks, do not prune again
+    callback = _keep_masks_callback(dict(masks))
     frozen = [] if config.train_embeddings else _embedding_parameters(model)
     for param in frozen:
         param.requires_grad_(False)
@@ -182,7 +191,6 @@ def recover_(
     finally:
         for param in frozen:
             param.requires_grad_(True)
-        remove_save_writers(model)  # the pipeline saves the output with its own results
     model.eval()
     result.sparsity_after = overall_sparsity(sparsity_report(model, sorted(masks)))
     return result

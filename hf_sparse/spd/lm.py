@@ -15,6 +15,7 @@ Lifecycle of ``run_lm_decomposition(experiment, output_dir)``:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import time
@@ -37,6 +38,8 @@ from .metrics import alive_components, ci_l0, coactivation_clusters
 from .model import check_targets, get_spd_model, set_spd_ablation, spd_layers, spd_runtime
 from .objective import layer_importances, model_output, target_pass
 from .trainer import SPDTrainer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,6 +140,7 @@ def lm_metrics(
             "C": int(alive.numel()),
             "n_alive": int(alive.sum()),
             "mean_active_per_token": ci_l0(values, threshold),
+            "relative_weight_error": relative_weight_error(layers[name]),
         }
         activity.append(values.reshape(-1, values.shape[-1]) > threshold)
         names += [f"{name}:{c}" for c in range(values.shape[-1])]
@@ -147,6 +151,15 @@ def lm_metrics(
     results["clusters"] = [c for c in clusters if len(c) > 1][:20]
     results["n_clusters"] = len(clusters)
     return results
+
+
+def relative_weight_error(layer: nn.Module) -> float:
+    """``||W - U V||^2 / ||W||^2`` in fp64: how much of the weight the components miss (the
+    delta component carries it)."""
+    with torch.no_grad():
+        U, V = layer.components()
+        weight = layer.target_weight().double()
+        return float((weight - U.double() @ V.double()).pow(2).sum() / weight.pow(2).sum())
 
 
 def round_trip(
@@ -188,6 +201,23 @@ def _adapter_bytes(model: nn.Module, config: SPDConfig) -> int:
     return 4 * total
 
 
+def _warn_below_rank(base: nn.Module, config: SPDConfig, targets: list[str]) -> list[str]:
+    """Log the targets whose rank can exceed ``C``: their rank-one components span at most a
+    rank-``C`` part of the weight, the delta holds the rest, and the output with every
+    component but no delta cannot match the target however long SPD trains."""
+    modules = dict(base.named_modules())
+    short = [n for n in targets if min(weight_matrix(modules[n]).shape) > config.C]
+    if short:
+        ranks = sorted({min(weight_matrix(modules[n]).shape) for n in short})
+        logger.warning(
+            "C=%d is below the rank (up to %s) of %d of %d target matrices (%s...): their "
+            "components cannot reproduce the weights, only the delta does; raise spd.C to %d "
+            "for a decomposition that can be faithful",
+            config.C, "/".join(map(str, ranks)), len(short), len(targets), short[0], ranks[-1],
+        )  # fmt: skip
+    return short
+
+
 def run_lm_decomposition(
     experiment: LMExperiment,
     output_dir: str | os.PathLike | None = None,
@@ -209,7 +239,8 @@ def run_lm_decomposition(
     base.eval().requires_grad_(False)
     data = experiment.data
     check_sequence_length(base, data.length, "data.length")
-    check_targets(base, config)  # target_modules that match nothing fail before the data
+    targets = check_targets(base, config)  # target_modules that match nothing fail first
+    _warn_below_rank(base, config, targets)
     if experiment.blocks is not None:
         find_decoder_blocks(base, experiment.blocks)  # a wrong path fails before the data
     if output_dir is not None:
@@ -242,6 +273,7 @@ def run_lm_decomposition(
         "model": experiment.model,
         "targets": list(spd_layers(model)),
         "timings": {"load_s": load_s, "spd_train_s": spd_s},
+        "faithfulness_after_warmup": trainer.spd_warmup_loss,
         "metrics": metrics,
         "log_history": trainer.state.log_history,
         "torch_threads": torch.get_num_threads(),

@@ -113,8 +113,14 @@ def coactivation_clusters(
     """Group components that fire together: average-linkage agglomeration on the Jaccard
     similarity of their activity (``active: [tokens, K]`` bool), stopping below
     ``min_similarity``. Components that never fire are left out. Returns clusters of names
-    (``"<index>"`` when ``names`` is None), largest first."""
-    active = active.reshape(-1, active.shape[-1]).float()
+    (``"<index>"`` when ``names`` is None), largest first (ties: lowest component first).
+
+    The cluster-to-cluster similarities live in one ``[K, K]`` fp64 matrix updated in place by
+    the Lance-Williams rule for average linkage (a merged cluster's similarity to ``k`` is the
+    size-weighted mean of its parts'), so each merge costs one arg-max over the matrix: a few
+    thousand components (an LM decomposition's every matrix at once) take seconds, where
+    re-averaging member pairs per candidate pair grew as ``K^3`` in Python."""
+    active = active.reshape(-1, active.shape[-1])
     K = active.shape[1]
     labels = list(names) if names is not None else [str(i) for i in range(K)]
     if len(labels) != K:
@@ -122,22 +128,24 @@ def coactivation_clusters(
     fired = (active.sum(0) > 0).nonzero().flatten().tolist()
     if not fired:
         return []
-    a = active[:, fired]
+    a = active[:, fired].double()
     both = a.t() @ a
     either = a.sum(0)[:, None] + a.sum(0)[None, :] - both
-    sim = (both / either.clamp_min(1)).tolist()
-    clusters = [[i] for i in range(len(fired))]
-    while len(clusters) > 1:
-        best, pair = -1.0, None
-        for x in range(len(clusters)):
-            for y in range(x + 1, len(clusters)):
-                s = sum(sim[i][j] for i in clusters[x] for j in clusters[y])
-                s /= len(clusters[x]) * len(clusters[y])
-                if s > best:
-                    best, pair = s, (x, y)
-        if best < min_similarity or pair is None:
+    sim = both / either.clamp_min(1)
+    n = len(fired)
+    sim.fill_diagonal_(float("-inf"))
+    sizes = [1] * n
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    while len(members) > 1:
+        flat = int(sim.argmax())
+        x, y = sorted(divmod(flat, n))
+        if not sim[x, y] >= min_similarity:
             break
-        x, y = pair
-        clusters[x] = clusters[x] + clusters.pop(y)
-    clusters.sort(key=len, reverse=True)
-    return [[labels[fired[i]] for i in cluster] for cluster in clusters]
+        merged = (sizes[x] * sim[x] + sizes[y] * sim[y]) / (sizes[x] + sizes[y])
+        sim[x], sim[:, x] = merged, merged
+        sim[y], sim[:, y] = float("-inf"), float("-inf")
+        sim[x, x] = float("-inf")
+        sizes[x] += sizes[y]
+        members[x] += members.pop(y)
+    clusters = sorted(members.values(), key=lambda c: (-len(c), min(c)))
+    return [[labels[fired[i]] for i in sorted(cluster)] for cluster in clusters]

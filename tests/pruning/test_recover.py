@@ -40,7 +40,7 @@ def _recovered(arch: str, config, text: Path, steps: int = 6):
     result = prune_(model, config, windows, batch_size=2, show_progress=False)
     before = {n: weight_matrix(find_linear(model, n)).detach().clone() for n in result.masks}
     recovery = recover_(
-        model, result.masks, config,
+        model, result.masks,
         RecoveryConfig(steps=steps, learning_rate=1e-2, sequence_length=16, eval_at=[steps]),
         tokenizer, str(text), eval_windows=windows[:2], show_progress=False,
     )  # fmt: skip

@@ -27,3 +27,19 @@ def test_block_mlp_recipes_target_the_first_blocks(tiny_model, blocks):
         for proj in ("gate", "up", "down")
     }
     assert set(names) == expected
+
+
+def test_a_C_below_the_targets_rank_is_logged(tiny_model, caplog):
+    from hf_sparse.spd.lm import _warn_below_rank
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    up = model.model.layers[0].mlp.up_proj.weight
+    rank = min(up.shape)
+    pattern = r"model\.layers\.0\.mlp\.(gate|up|down)_proj"
+    for C, expected in ((rank - 1, 3), (rank, 0)):
+        config = SPDConfig(C=C, target_modules=pattern)
+        with caplog.at_level("WARNING", logger="hf_sparse.spd.lm"):
+            caplog.clear()
+            short = _warn_below_rank(model, config, check_targets(model, config))
+        assert len(short) == expected
+        assert (f"raise spd.C to {rank}" in caplog.text) == bool(expected)

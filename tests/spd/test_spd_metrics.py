@@ -88,6 +88,44 @@ def test_coactivation_clusters_groups_components_that_fire_together():
     assert sorted(sorted(c) for c in clusters) == [["a1", "a2"], ["b1", "b2"]]
 
 
+def _clusters_by_definition(active: torch.Tensor, min_similarity: float) -> set[frozenset]:
+    """Average linkage straight from its definition: merge the two clusters whose member pairs
+    have the highest mean Jaccard similarity, until that mean falls below the threshold."""
+    a = active.float()
+    fired = (a.sum(0) > 0).nonzero().flatten().tolist()
+    a = a[:, fired]
+    both = a.t() @ a
+    sim = (both / (a.sum(0)[:, None] + a.sum(0)[None, :] - both).clamp_min(1)).tolist()
+    clusters = [[i] for i in range(len(fired))]
+    while len(clusters) > 1:
+        scores = {
+            (x, y): sum(sim[i][j] for i in clusters[x] for j in clusters[y])
+            / (len(clusters[x]) * len(clusters[y]))
+            for x in range(len(clusters))
+            for y in range(x + 1, len(clusters))
+        }
+        (x, y), best = max(scores.items(), key=lambda item: item[1])
+        if best < min_similarity:
+            break
+        clusters[x] += clusters.pop(y)
+    return {frozenset(str(fired[i]) for i in c) for c in clusters}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coactivation_clusters_equal_average_linkage_by_definition(seed):
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.randint(0, 6, (40,), generator=generator)  # 6 hidden groups of components
+    group_on = torch.rand(300, 6, generator=generator) < 0.3
+    noise = torch.rand(300, 40, generator=generator) < 0.08
+    active = group_on[:, groups] ^ noise
+    active[:, :2] = False  # two dead components are left out
+    for threshold in (0.2, 0.4, 0.6):
+        clusters = coactivation_clusters(active, threshold)
+        assert {frozenset(c) for c in clusters} == _clusters_by_definition(active, threshold)
+        assert [len(c) for c in clusters] == sorted((len(c) for c in clusters), reverse=True)
+        assert sum(len(c) for c in clusters) == 38
+
+
 def test_tms_acceptance_needs_directions_and_one_component_per_feature():
     from hf_sparse.spd.experiments import get_experiment
     from hf_sparse.spd.toy_run import summarise
