@@ -110,11 +110,35 @@ def _tms(n_features: int, n_hidden: int, identity: bool) -> ToyExperiment:
     )
 
 
+@dataclass(frozen=True)
+class _ResidMLPSettings:
+    """The SPD settings of the reference's ``resid_mlp{1,2,3}_config.yaml`` that we keep
+    (goodfire-ai/spd), and our CPU-sized step budget."""
+
+    d_mlp: int
+    C: int
+    importance_minimality_coeff: float
+    lr: float
+    gate_hidden: int
+    steps: int  # the reference trains 30k / 20k / 100k steps x 2048
+
+
+RESID_MLP_SETTINGS = {
+    1: _ResidMLPSettings(50, C=100, importance_minimality_coeff=1e-3, lr=2e-3, gate_hidden=16,
+                         steps=3000),
+    2: _ResidMLPSettings(25, C=400, importance_minimality_coeff=3e-5, lr=1e-3, gate_hidden=16,
+                         steps=4000),
+    3: _ResidMLPSettings(17, C=500, importance_minimality_coeff=2e-5, lr=1e-3, gate_hidden=128,
+                         steps=5000),
+}  # fmt: skip
+
+
 def _resid_mlp(n_layers: int) -> ToyExperiment:
-    d_mlp = {1: 50, 2: 25, 3: 17}[n_layers]
+    settings = RESID_MLP_SETTINGS[n_layers]
     n_features = 102 if n_layers == 3 else 100
-    toy = ResidMLPConfig(n_features=n_features, d_embed=1000, d_mlp=d_mlp, n_layers=n_layers)
-    steps = {1: 3000, 2: 4000, 3: 5000}[n_layers]
+    toy = ResidMLPConfig(
+        n_features=n_features, d_embed=1000, d_mlp=settings.d_mlp, n_layers=n_layers
+    )
     return ToyExperiment(
         name=f"resid_mlp{n_layers}",
         toy=toy,
@@ -125,11 +149,23 @@ def _resid_mlp(n_layers: int) -> ToyExperiment:
             weight_decay=0.01,
             cosine=True,
         ),
-        spd={"C": 100 * n_layers, "target_modules": ["mlp_in", "mlp_out"]},
-        loss=SPDLossConfig(importance_minimality_coeff=1e-3, pnorm=2.0),
-        train=SPDTrainConfig(steps=steps, batch_size=1024, lr=2e-3, lr_schedule="constant"),
+        spd={
+            "C": settings.C,
+            "target_modules": ["mlp_in", "mlp_out"],
+            "gate_hidden": settings.gate_hidden,
+        },
+        loss=SPDLossConfig(
+            importance_minimality_coeff=settings.importance_minimality_coeff, pnorm=2.0
+        ),
+        train=SPDTrainConfig(
+            steps=settings.steps, batch_size=1024, lr=settings.lr, lr_schedule="constant"
+        ),
         identity_layers=[f"layers.{i}.mlp_in" for i in range(n_layers)],
-        note="reference resid_mlp1: C=100, p=2, batch 2048, 30k steps, lr 2e-3 constant",
+        note=(
+            f"reference resid_mlp{n_layers}_config.yaml: C={settings.C}, p=2, importance "
+            f"coefficient {settings.importance_minimality_coeff:g}, lr {settings.lr:g} constant, "
+            "batch 2048; here batch 1024 and fewer steps (CPU)"
+        ),
     )
 
 
