@@ -206,9 +206,10 @@ def _warn_below_rank(base: nn.Module, config: SPDConfig, targets: list[str]) -> 
     rank-``C`` part of the weight, the delta holds the rest, and the output with every
     component but no delta cannot match the target however long SPD trains."""
     modules = dict(base.named_modules())
-    short = [n for n in targets if min(weight_matrix(modules[n]).shape) > config.C]
+    max_rank = {n: min(weight_matrix(modules[n]).shape) for n in targets}
+    short = [n for n in targets if max_rank[n] > config.C]
     if short:
-        ranks = sorted({min(weight_matrix(modules[n]).shape) for n in short})
+        ranks = sorted({max_rank[n] for n in short})
         logger.warning(
             "C=%d is below the rank (up to %s) of %d of %d target matrices (%s...): their "
             "components cannot reproduce the weights, only the delta does; raise spd.C to %d "

@@ -134,18 +134,17 @@ def coactivation_clusters(
     sim = both / either.clamp_min(1)
     n = len(fired)
     sim.fill_diagonal_(float("-inf"))
-    sizes = [1] * n
     members: dict[int, list[int]] = {i: [i] for i in range(n)}
     while len(members) > 1:
         flat = int(sim.argmax())
         x, y = sorted(divmod(flat, n))
         if not sim[x, y] >= min_similarity:
             break
-        merged = (sizes[x] * sim[x] + sizes[y] * sim[y]) / (sizes[x] + sizes[y])
+        size_x, size_y = len(members[x]), len(members[y])
+        merged = (size_x * sim[x] + size_y * sim[y]) / (size_x + size_y)
         sim[x], sim[:, x] = merged, merged
         sim[y], sim[:, y] = float("-inf"), float("-inf")
         sim[x, x] = float("-inf")
-        sizes[x] += sizes[y]
         members[x] += members.pop(y)
     clusters = sorted(members.values(), key=lambda c: (-len(c), min(c)))
     return [[labels[fired[i]] for i in sorted(cluster)] for cluster in clusters]
